@@ -1,0 +1,7 @@
+"""vla-opt: make Vision-Language-Action policies fast at inference time, and measure the cost."""
+
+from vlaopt.config import HeadConfig, LMConfig, VisionConfig, VLAConfig
+from vlaopt.model.vla import VLA
+
+__all__ = ["VLA", "VLAConfig", "VisionConfig", "LMConfig", "HeadConfig"]
+__version__ = "0.1.0"

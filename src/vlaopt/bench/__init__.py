@@ -1,0 +1,1 @@
+"""Measurement: stage timers now; FLOPs, reports and plots as the benchmark grows."""

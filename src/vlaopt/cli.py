@@ -1,0 +1,72 @@
+"""The `vla-opt` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from vlaopt.config import HEAD_KINDS, LM_FAMILIES, VISION_KINDS, VLAConfig
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Build a tiny reference VLA, predict one action chunk, print it with per-stage timings."""
+    from vlaopt.bench.stages import time_stages
+    from vlaopt.model.vla import VLA
+
+    console = Console()
+    torch.set_num_threads(args.threads) if args.threads else None
+    cfg = VLAConfig.tiny(
+        lm=args.lm, head=args.head, vision=args.vision, cameras=args.cameras, proprio_dim=8, image_size=args.image_size
+    )
+    model = VLA(cfg).eval()
+    rng = np.random.default_rng(0)
+    size = cfg.vision.image_size
+    images = rng.integers(0, 256, (args.batch, cfg.cameras, size, size, 3), dtype=np.uint8)
+    instructions = ["put the red block in the drawer"] * args.batch
+    proprio = rng.standard_normal((args.batch, cfg.proprio_dim)).astype(np.float32)
+    actions = model.predict_action(images, instructions, proprio)
+    params = sum(p.numel() for p in model.parameters())
+    console.print(
+        f"[bold]tiny VLA[/bold]: {cfg.lm.family} LM, {cfg.vision.kind} vision, {cfg.head.kind} head, "
+        f"{cfg.cameras} cameras x {cfg.vision.patches_per_image} patches, {params / 1e6:.2f} M parameters"
+    )
+    console.print(f"action chunk of sample 0 (chunk={cfg.chunk}, action_dim={cfg.action_dim}):")
+    console.print(np.array2string(actions[0].numpy(), precision=3, suppress_small=True))
+    stats = time_stages(model, images, instructions, proprio, repeats=args.repeats)
+    table = Table(title=f"predict_action stages, batch {args.batch}, {args.repeats} repeats, {torch.get_num_threads()} threads")
+    for col in ("stage", "median ms", "p25 ms", "p75 ms"):
+        table.add_column(col, justify="right" if col != "stage" else "left")
+    for name, s in stats.items():
+        table.add_row(name, f"{s.median_ms:.2f}", f"{s.p25_ms:.2f}", f"{s.p75_ms:.2f}")
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="build a tiny VLA and time one action chunk, stage by stage")
+    demo.add_argument("--lm", choices=LM_FAMILIES, default="llama")
+    demo.add_argument("--head", choices=HEAD_KINDS, default="l1")
+    demo.add_argument("--vision", choices=VISION_KINDS, default="siglip")
+    demo.add_argument("--cameras", type=int, default=2)
+    demo.add_argument("--image-size", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--repeats", type=int, default=20)
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

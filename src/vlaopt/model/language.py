@@ -1,0 +1,85 @@
+"""The language model and our own loop over its decoder layers.
+
+We call the HF decoder layers ourselves (with the rotary `position_embeddings` and a mask we build)
+instead of the HF model's forward, so that hooks between layers can drop or merge tokens while the
+kept tokens keep their original position ids. Nothing inside `transformers` is patched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from vlaopt.config import LMConfig
+from vlaopt.model.layout import TokenState
+
+
+def build_hf_config(cfg: LMConfig) -> PretrainedConfig:
+    """The HF config of the LM: from `hf_config`, else from the `pretrained` directory."""
+    if cfg.hf_config:
+        data = dict(cfg.hf_config)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    path = Path(cfg.pretrained or "")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"lm.pretrained={cfg.pretrained!r} is not a local HF model directory (no config.json)")
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build_causal_lm(cfg: LMConfig, load_weights: bool) -> PreTrainedModel:
+    """Instantiate the causal LM with SDPA attention; weights from `pretrained` when asked."""
+    if load_weights and cfg.pretrained:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.pretrained, local_files_only=True, attn_implementation="sdpa", dtype=torch.float32
+        )
+    return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation="sdpa")
+
+
+class LanguageModel(nn.Module):
+    """A HF causal LM run through our layer loop.
+
+    `hooks` holds modules with an int attribute `layer`; each is called as `hook(state) -> state`
+    right before decoder layer `layer` and may rewrite the token state (e.g. prune visual tokens).
+    """
+
+    def __init__(self, causal_lm: PreTrainedModel) -> None:
+        super().__init__()
+        self.causal_lm = causal_lm
+        self.hooks = nn.ModuleList()
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.causal_lm.model
+
+    @property
+    def hidden_size(self) -> int:
+        return self.causal_lm.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.causal_lm.get_output_embeddings().weight.shape[0]
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.embed_tokens(ids)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.causal_lm.get_output_embeddings()(hidden)
+
+    def forward(self, state: TokenState) -> TokenState:
+        """Run all decoder layers (and hooks) and the final norm; returns the final token state."""
+        decoder = self.decoder
+        rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+        mask = state.attention_mask()
+        for i, layer in enumerate(decoder.layers):
+            for hook in self.hooks:
+                if hook.layer == i:
+                    state = hook(state)
+                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+                    mask = state.attention_mask()
+            state.hidden = layer(
+                state.hidden, attention_mask=mask, position_ids=state.position_ids, position_embeddings=rotary
+            )
+        state.hidden = decoder.norm(state.hidden)
+        return state

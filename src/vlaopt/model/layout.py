@@ -1,0 +1,68 @@
+"""The Layout: the one object that knows where each segment of the VLA sequence lies.
+
+Sequence: [BOS][visual][proprio][prompt][action slots][STOP]. Segments are contiguous ranges shared
+by the whole batch; per-sample padding (prompts of different lengths, or visual tokens kept in
+different numbers by a pruner) is carried by the `valid` mask of a `TokenState`, not by the Layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+SEGMENTS = ("bos", "visual", "proprio", "prompt", "action", "stop")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Segment lengths of a (batched) sequence; `span(name)` gives the slice of a segment."""
+
+    visual: int
+    proprio: int
+    prompt: int
+    action: int
+    bos: int = 1
+    stop: int = 1
+
+    def span(self, name: str) -> slice:
+        if name not in SEGMENTS:
+            raise KeyError(f"unknown segment {name!r}; expected one of {', '.join(SEGMENTS)}")
+        start = 0
+        for seg in SEGMENTS:
+            length = getattr(self, seg)
+            if seg == name:
+                return slice(start, start + length)
+            start += length
+        raise AssertionError("unreachable")
+
+    @property
+    def length(self) -> int:
+        return sum(getattr(self, seg) for seg in SEGMENTS)
+
+    def with_visual(self, n: int) -> Layout:
+        """The same layout with `n` visual tokens (after pruning)."""
+        return replace(self, visual=n)
+
+
+@dataclass
+class TokenState:
+    """What flows between decoder layers: hidden states, their original position ids, validity."""
+
+    hidden: torch.Tensor  # (B, S, D)
+    position_ids: torch.Tensor  # (B, S) long; original positions, kept through pruning
+    valid: torch.Tensor  # (B, S) bool; False for padding
+    layout: Layout
+    bidirectional_actions: bool = True
+
+    def attention_mask(self) -> torch.Tensor:
+        """Boolean (B, 1, S, S) mask, True where a query may attend a key: causal over valid keys,
+        plus all-to-all among action slots when `bidirectional_actions`."""
+        s = self.hidden.shape[1]
+        idx = torch.arange(s, device=self.hidden.device)
+        allowed = idx[None, :] <= idx[:, None]
+        if self.bidirectional_actions:
+            act = torch.zeros(s, dtype=torch.bool, device=self.hidden.device)
+            act[self.layout.span("action")] = True
+            allowed = allowed | (act[:, None] & act[None, :])
+        return (allowed[None] & self.valid[:, None, :])[:, None]

@@ -1,0 +1,49 @@
+"""Per-dimension normalization of actions and proprio to [-1, 1] with q01/q99 bounds (as OpenVLA).
+
+Dimensions whose bounds coincide (constant in the data) pass through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class BoundsNormalizer(nn.Module):
+    """Maps x to 2 (x - q01) / (q99 - q01) - 1, clipped to [-1, 1]; `unnormalize` inverts it."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("q01", -torch.ones(dim))
+        self.register_buffer("q99", torch.ones(dim))
+
+    def set_stats(self, stats: dict[str, Any], name: str) -> None:
+        """Load bounds from a stats dict with keys q01 and q99 (lists of length `dim`)."""
+        for key in ("q01", "q99"):
+            if key not in stats:
+                raise ValueError(f"{name} statistics lack {key!r}; got keys {sorted(stats)}")
+            value = torch.as_tensor(stats[key], dtype=torch.float32)
+            if value.shape != (self.dim,):
+                raise ValueError(f"{name} statistics {key} has shape {tuple(value.shape)}, expected ({self.dim},)")
+            getattr(self, key).copy_(value)
+
+    def stats(self) -> dict[str, list[float]]:
+        return {"q01": self.q01.tolist(), "q99": self.q99.tolist()}
+
+    def _span(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.q99 - self.q01
+        active = span > 1e-8
+        return torch.where(active, span, torch.ones_like(span)), active
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        span, active = self._span()
+        y = (2 * (x - self.q01) / span - 1).clamp(-1, 1)
+        return torch.where(active, y, x)
+
+    def unnormalize(self, y: torch.Tensor) -> torch.Tensor:
+        span, active = self._span()
+        x = (y.clamp(-1, 1) + 1) / 2 * span + self.q01
+        return torch.where(active, x, y)

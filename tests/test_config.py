@@ -1,0 +1,40 @@
+"""Configs round-trip through JSON and YAML and reject bad values by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlaopt import VLAConfig
+from vlaopt.config import VisionConfig
+from vlaopt.model.layout import Layout
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip(tmp_path, suffix):
+    cfg = VLAConfig.tiny(lm="qwen3", head="flow", vision="fused", cameras=2, proprio_dim=5, seed=7)
+    cfg.save(tmp_path / f"c{suffix}")
+    assert VLAConfig.load(tmp_path / f"c{suffix}") == cfg
+
+
+def test_unknown_choices_are_named():
+    with pytest.raises(ValueError, match=r"head.kind='mlp' is not supported; expected one of l1, discrete, diffusion, flow"):
+        VLAConfig.tiny(head="mlp")
+    with pytest.raises(ValueError, match=r"lm='gpt2' is not supported; expected one of llama, qwen2, qwen3"):
+        VLAConfig.tiny(lm="gpt2")
+    with pytest.raises(ValueError, match=r"vision.image_size=30 must be a multiple of vision.patch_size=8"):
+        VisionConfig(image_size=30, patch_size=8)
+
+
+def test_unknown_keys_are_named():
+    data = VLAConfig.tiny().to_dict()
+    data["head"]["stepz"] = 3
+    with pytest.raises(ValueError, match=r"unknown head config keys \['stepz'\]"):
+        VLAConfig.from_dict(data)
+
+
+def test_layout_spans_tile_the_sequence():
+    layout = Layout(visual=10, proprio=1, prompt=6, action=8)
+    spans = [layout.span(s) for s in ("bos", "visual", "proprio", "prompt", "action", "stop")]
+    assert spans[0].start == 0 and spans[-1].stop == layout.length == 27
+    assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
+    assert layout.with_visual(3).span("action") == slice(11, 19)  # 1 + 3 + 1 + 6
