@@ -8,6 +8,9 @@ import torch
 
 from vlaopt import VLA, VLAConfig
 
+# Tiny models gain nothing from intra-op threads; one thread keeps tests steady on a busy machine.
+torch.set_num_threads(1)
+
 INSTRUCTIONS = ["pick up the red cup", "open the drawer", "push the small block all the way to the green goal"]
 
 

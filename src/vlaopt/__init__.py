@@ -2,6 +2,7 @@
 
 from vlaopt.config import HeadConfig, LMConfig, VisionConfig, VLAConfig
 from vlaopt.model.vla import VLA
+from vlaopt.optimize import apply, load_recipe
 
-__all__ = ["VLA", "VLAConfig", "VisionConfig", "LMConfig", "HeadConfig"]
+__all__ = ["VLA", "VLAConfig", "VisionConfig", "LMConfig", "HeadConfig", "apply", "load_recipe"]
 __version__ = "0.1.0"

@@ -47,6 +47,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optimize(args: argparse.Namespace) -> int:
+    """Apply a recipe to a saved model and save the optimized model with its recipe."""
+    from vlaopt.model.vla import VLA
+    from vlaopt.optimize import apply, load_recipe
+
+    recipe = load_recipe(args.recipe)
+    model = VLA.from_pretrained(args.model)
+    before = sum(p.numel() for p in model.parameters())
+    apply(model, recipe)
+    model.save_pretrained(args.out)
+    after = sum(p.numel() for p in model.parameters())
+    console = Console()
+    for entry in model.config.recipe[len(model.config.recipe) - len(recipe) :]:
+        console.print(f"applied {entry}")
+    console.print(f"parameters {before / 1e6:.3f} M -> {after / 1e6:.3f} M; saved to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=20)
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.set_defaults(func=_demo)
+    opt = sub.add_parser("optimize", help="apply a recipe (YAML list of steps) to a saved model")
+    opt.add_argument("--model", required=True, help="directory written by save_pretrained")
+    opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
+    opt.add_argument("--out", required=True, help="directory for the optimized model")
+    opt.set_defaults(func=_optimize)
     return parser
 
 

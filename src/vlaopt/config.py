@@ -124,6 +124,7 @@ class VLAConfig:
     chunk: int = 8
     bidirectional_actions: bool = True
     seed: int = 0
+    recipe: list[dict[str, Any]] = field(default_factory=list)  # optimization steps applied, resolved
 
     def __post_init__(self) -> None:
         for name in ("cameras", "action_dim", "chunk"):

@@ -7,12 +7,15 @@ kept tokens keep their original position ids. Nothing inside `transformers` is p
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from vlaopt.bench.timer import NULL_TIMER
 from vlaopt.config import LMConfig
 from vlaopt.model.layout import TokenState
 
@@ -67,17 +70,21 @@ class LanguageModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings()(hidden)
 
-    def forward(self, state: TokenState) -> TokenState:
-        """Run all decoder layers (and hooks) and the final norm; returns the final token state."""
+    def forward(self, state: TokenState, timer: Any = NULL_TIMER) -> TokenState:
+        """Run all decoder layers (and hooks) and the final norm; returns a new final token state.
+
+        Hook time is recorded under the stage `lm.prune` (a part of the caller's `lm` stage)."""
         decoder = self.decoder
+        state = replace(state)
         rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
         mask = state.attention_mask()
         for i, layer in enumerate(decoder.layers):
             for hook in self.hooks:
                 if hook.layer == i:
-                    state = hook(state)
-                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-                    mask = state.attention_mask()
+                    with timer.stage("lm.prune"):
+                        state = hook(state)
+                        rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+                        mask = state.attention_mask()
             state.hidden = layer(
                 state.hidden, attention_mask=mask, position_ids=state.position_ids, position_embeddings=rotary
             )

@@ -71,6 +71,10 @@ class VLA(nn.Module):
         self.bos_id, self.stop_id = special_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.stop_id if pad is None else pad
+        if config.recipe:  # an optimized model: re-create the structure its recipe made
+            from vlaopt.optimize import rebuild
+
+            rebuild(self, config.recipe)
 
     # ---- construction ---------------------------------------------------------------------------
     @property
@@ -239,7 +243,7 @@ class VLA(nn.Module):
         images, instructions, proprio = self._check_inputs(images, instructions, proprio)
         state = self.encode(images, instructions, proprio, timer)
         with timer.stage("lm"):
-            state = self.lm(state)
+            state = self.lm(state, timer)
         with timer.stage("head"):
             if self.head.stochastic and noise is None:
                 gen = torch.Generator(device="cpu").manual_seed(seed)

@@ -1,0 +1,10 @@
+"""Optimizations as transforms of the one inference path: `apply(model, recipe)`.
+
+A recipe is an ordered list of `{step: {params}}` (YAML or Python). Step kinds register by name:
+`token_pruning` (tokens/), and the families that follow the same pattern.
+"""
+
+from vlaopt.optimize import tokens  # noqa: F401  (registers the token_pruning step)
+from vlaopt.optimize.recipe import STEPS, apply, load_recipe, rebuild
+
+__all__ = ["STEPS", "apply", "load_recipe", "rebuild"]

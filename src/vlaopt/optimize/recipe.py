@@ -1,0 +1,86 @@
+"""Recipes: ordered optimization steps applied to a VLA, recorded in its config so that a saved
+optimized model rebuilds the same structure on load.
+
+Each step kind resolves its parameters while applying (e.g. which layers a data-driven method chose)
+and records the resolved form; `rebuild` replays the structural part of a recorded recipe on a fresh
+model before its weights are loaded, without data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlaopt.utils.registry import Registry
+
+STEPS: Registry[type[RecipeStep]] = Registry("recipe step")
+
+
+class RecipeStep(ABC):
+    """One kind of recipe step (e.g. `token_pruning`)."""
+
+    @abstractmethod
+    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+        """Transform `model` in place; return the resolved parameters to record."""
+
+    @abstractmethod
+    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+        """Re-create the structure a recorded step made, on a freshly built model (no data)."""
+
+
+def make_config(cls: type, params: dict[str, Any], where: str) -> Any:
+    """Build dataclass `cls` from `params`, naming unknown keys and the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"{where}: unknown parameter(s) {unknown}; expected a subset of {sorted(names)}")
+    return cls(**params)
+
+
+def _entries(recipe: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(recipe, list):
+        raise ValueError(f"a recipe must be a list of {{step: {{params}}}} entries, got {type(recipe).__name__}")
+    out = []
+    for i, entry in enumerate(recipe):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"recipe entry {i} is {entry!r}; expected one mapping {{step: {{params}}}}")
+        (name, params), = entry.items()
+        STEPS.get(name)
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ValueError(f"recipe entry {i} ({name}) has parameters {params!r}; expected a mapping")
+        out.append((name, dict(params)))
+    return out
+
+
+def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A recipe from a YAML file path or an already parsed list (validated)."""
+    if isinstance(source, list):
+        recipe = source
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file {path} does not exist")
+        recipe = yaml.safe_load(path.read_text()) or []
+    _entries(recipe)
+    return recipe
+
+
+def apply(model: Any, recipe: str | Path | list[dict[str, Any]]) -> Any:
+    """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`."""
+    for name, params in _entries(load_recipe(recipe)):
+        resolved = STEPS.get(name)().apply(model, params)
+        model.config.recipe.append({name: resolved})
+    return model
+
+
+def rebuild(model: Any, recipe: list[dict[str, Any]]) -> None:
+    """Replay a recorded recipe's structure on a fresh model (used by `VLA.from_pretrained`)."""
+    for name, resolved in _entries(recipe):
+        STEPS.get(name)().rebuild(model, resolved)
+    model.config.recipe = [dict(e) for e in recipe]

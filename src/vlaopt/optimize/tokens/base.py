@@ -1,0 +1,89 @@
+"""Visual-token pruners: hooks run before a decoder layer that drop or merge visual tokens.
+
+A pruner scores the visual segment of the token state and keeps a subset; kept tokens keep their
+original position ids, and the Layout and validity mask follow. Samples may keep different numbers
+of tokens: the visual segment is then padded to the largest count and the padding marked invalid,
+so a batch gives each sample's solo result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from vlaopt.model.layout import TokenState
+from vlaopt.utils.registry import Registry
+
+PRUNERS: Registry[type[TokenPruner]] = Registry("token pruning method")
+
+
+@dataclass
+class PrunerConfig:
+    """Where to prune (before decoder layer `layer`; 0 = on the LM input) and what fraction to keep."""
+
+    layer: int = 0
+    keep: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"layer={self.layer!r} must be a non-negative integer")
+        if not 0 < float(self.keep) <= 1:
+            raise ValueError(f"keep={self.keep!r} must be in (0, 1]")
+
+
+def keep_count(n: int, keep: float) -> int:
+    """Number of tokens kept of `n` at ratio `keep` (at least one)."""
+    return max(1, min(n, round(n * keep)))
+
+
+def replace_visual(
+    state: TokenState, hidden: torch.Tensor, position_ids: torch.Tensor, valid: torch.Tensor
+) -> TokenState:
+    """A new state whose visual segment is (hidden, position_ids, valid) of shape (B, K, ...)."""
+    span = state.layout.span("visual")
+    before, after = slice(0, span.start), slice(span.stop, None)
+
+    def splice(full: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+        return torch.cat([full[:, before], vis, full[:, after]], dim=1)
+
+    return TokenState(
+        hidden=splice(state.hidden, hidden),
+        position_ids=splice(state.position_ids, position_ids),
+        valid=splice(state.valid, valid),
+        layout=state.layout.with_visual(hidden.shape[1]),
+        bidirectional_actions=state.bidirectional_actions,
+    )
+
+
+def keep_visual(state: TokenState, keep: torch.Tensor) -> TokenState:
+    """Keep the visual tokens where `keep` (B, Nv) is True, in their original order."""
+    span = state.layout.span("visual")
+    keep = keep & state.valid[:, span]
+    counts = keep.sum(1)
+    k = int(counts.max().item())
+    # stable sort brings kept tokens to the front without reordering them
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    hidden = state.hidden[:, span].gather(1, order[..., None].expand(-1, -1, state.hidden.shape[-1]))
+    positions = state.position_ids[:, span].gather(1, order)
+    valid = torch.arange(k, device=keep.device)[None] < counts[:, None]
+    return replace_visual(state, hidden, positions, valid)
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k highest scores per row (B, N)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    return mask.scatter(1, scores.topk(k, dim=1).indices, True)
+
+
+class TokenPruner(nn.Module):
+    """Base of all pruners: a hook with a config and a name in `PRUNERS`."""
+
+    config_cls: ClassVar[type[PrunerConfig]] = PrunerConfig
+
+    def __init__(self, cfg: PrunerConfig, model: nn.Module) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layer = cfg.layer

@@ -1,0 +1,90 @@
+"""LightVLA's parameter-free pruner (seed notes, module 4).
+
+Scoring: RMS-normed patches attend to the RMS-normed task tokens (everything after the visual
+segment), the result is RMS-normed again and scored against every patch: score[i, j] says how much
+patch i points at patch j. Inference: every patch votes for its argmax, and the kept set is the
+union of votes, so the number kept adapts to each frame. Training: nothing is dropped; each patch
+is replaced by the patch it votes for, through a straight-through one-hot/softmax merge, with
+uniform noise of scale `noise_scale` on the scores (decayed from 1 to 0 over training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlaopt.model.layout import TokenState
+from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual
+
+
+@dataclass
+class LightVLAConfig(PrunerConfig):
+    keep: float = 1.0  # unused: the kept count follows the votes
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.keep != 1.0:
+            raise ValueError(f"lightvla chooses how many tokens to keep itself; keep={self.keep!r} must stay 1.0")
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],))
+
+
+def lightvla_scores(patches: torch.Tensor, task: torch.Tensor, task_valid: torch.Tensor) -> torch.Tensor:
+    """Patch-to-patch scores (B, P, P) of LightVLA from patches (B, P, D) and task tokens (B, T, D)."""
+    p, t = _rms(patches), _rms(task)
+    queries = F.scaled_dot_product_attention(p, t, t, attn_mask=task_valid[:, None, :])
+    return _rms(queries) @ p.transpose(1, 2) / patches.shape[-1] ** 0.5
+
+
+def straight_through_merge(scores: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+    """Forward: each patch becomes the patch it votes for; backward: gradients of the softmax."""
+    hard = F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
+    soft = scores.softmax(-1)
+    return (hard + soft - soft.detach()) @ patches
+
+
+@PRUNERS.register("lightvla")
+class LightVLAPruner(TokenPruner):
+    config_cls = LightVLAConfig
+
+    def __init__(self, cfg: LightVLAConfig, model) -> None:
+        super().__init__(cfg, model)
+        self.noise_scale = 0.0
+
+    def set_noise_scale(self, value: float) -> None:
+        """Scale of the uniform score noise used in training (LightVLA: 1 - step / max_steps)."""
+        self.noise_scale = float(value)
+
+    def votes(self, state: TokenState) -> torch.Tensor:
+        """Index of the patch each patch votes for (B, P), from the noise-free scores."""
+        return self._scores(state).argmax(-1)
+
+    def _scores(self, state: TokenState) -> torch.Tensor:
+        span = state.layout.span("visual")
+        task = slice(span.stop, None)
+        scores = lightvla_scores(state.hidden[:, span], state.hidden[:, task], state.valid[:, task])
+        # padding patches (from an earlier pruner) can neither vote nor be voted for
+        vis_valid = state.valid[:, span]
+        return scores.masked_fill(~vis_valid[:, None, :], torch.finfo(scores.dtype).min)
+
+    def forward(self, state: TokenState) -> TokenState:
+        span = state.layout.span("visual")
+        scores = self._scores(state)
+        if self.training:
+            if self.noise_scale > 0:
+                scores = scores + torch.rand_like(scores) * self.noise_scale
+            merged = straight_through_merge(scores, state.hidden[:, span])
+            return TokenState(
+                torch.cat([state.hidden[:, : span.start], merged, state.hidden[:, span.stop :]], dim=1),
+                state.position_ids,
+                state.valid,
+                state.layout,
+                state.bidirectional_actions,
+            )
+        vis_valid = state.valid[:, span]
+        counts = torch.zeros(vis_valid.shape, device=scores.device).scatter_add_(1, scores.argmax(-1), vis_valid.float())
+        return keep_visual(state, counts > 0)

@@ -1,0 +1,35 @@
+"""The `vla-opt` command line."""
+
+from __future__ import annotations
+
+import torch
+from conftest import observations
+
+from vlaopt import VLA, VLAConfig
+from vlaopt.cli import main
+
+
+def test_demo_prints_actions_and_stage_table(capsys):
+    assert main(["demo", "--repeats", "2", "--image-size", "32", "--head", "flow"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("vision", "projector", "lm", "head", "total"):
+        assert stage in out
+    assert "action chunk of sample 0" in out
+
+
+def test_optimize_applies_a_yaml_recipe(tmp_path, capsys):
+    model = VLA(VLAConfig.tiny(cameras=2, proprio_dim=3)).eval()
+    model.save_pretrained(tmp_path / "base")
+    (tmp_path / "r.yaml").write_text("- token_pruning: {method: fastv, layer: 1, keep: 0.5}\n")
+    assert main(["optimize", "--model", str(tmp_path / "base"), "--recipe", str(tmp_path / "r.yaml"),
+                 "--out", str(tmp_path / "opt")]) == 0
+    assert "applied {'token_pruning'" in capsys.readouterr().out
+    optimized = VLA.from_pretrained(tmp_path / "opt")
+    assert optimized.config.recipe == [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}]
+    reference = VLA.from_pretrained(tmp_path / "base")
+    from vlaopt import apply
+
+    apply(reference, [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}])
+    images, instructions, proprio = observations(model.config)
+    assert torch.equal(optimized.predict_action(images, instructions, proprio),
+                       reference.predict_action(images, instructions, proprio))

@@ -1,0 +1,170 @@
+"""Visual-token pruning: equivalence at keep=1, batching, LightVLA's votes and straight-through
+training path, FastV's attention rows, recipes that save and reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import observations
+
+from vlaopt import VLA, VLAConfig, apply, load_recipe
+from vlaopt.optimize.tokens.base import PRUNERS
+from vlaopt.optimize.tokens.fastv import attention_rows
+from vlaopt.optimize.tokens.lightvla import straight_through_merge
+from vlaopt.optimize.tokens.pooling import pool_kernel
+
+FAMILIES = ["llama", "qwen2", "qwen3"]
+FIXED_K = ["fastv", "divprune", "random", "pooling"]
+
+
+def _model(lm="llama", recipe=None, **kw) -> VLA:
+    cfg = VLAConfig.tiny(lm=lm, cameras=2, proprio_dim=3, **kw)
+    model = VLA(cfg).eval()
+    return apply(model, recipe) if recipe else model
+
+
+@pytest.mark.parametrize("lm", FAMILIES)
+@pytest.mark.parametrize("method", FIXED_K)
+def test_keeping_all_tokens_gives_the_unpruned_actions(lm, method):
+    base = _model(lm)
+    pruned = _model(lm, [{"token_pruning": {"method": method, "layer": 0 if method == "pooling" else 1, "keep": 1.0}}])
+    images, instructions, proprio = observations(base.config)
+    diff = (pruned.predict_action(images, instructions, proprio) - base.predict_action(images, instructions, proprio))
+    assert diff.abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "lm,step",
+    [("llama", {"method": m, "keep": 0.25}) for m in FIXED_K]
+    + [(lm, {"method": "lightvla"}) for lm in FAMILIES]
+    + [("qwen3", {"method": "fastv", "layer": 1, "keep": 0.3})],
+)
+def test_pruned_batch_equals_each_sample_pruned_alone(lm, step):
+    model = _model(lm, [{"token_pruning": step}])
+    images, instructions, proprio = observations(model.config)
+    batch = model.predict_action(images, instructions, proprio)
+    for i in range(3):
+        alone = model.predict_action(images[i : i + 1], instructions[i : i + 1], proprio[i : i + 1])
+        torch.testing.assert_close(alone, batch[i : i + 1], atol=1e-5, rtol=0)
+
+
+def _encoded(model: VLA):
+    images, instructions, proprio = observations(model.config)
+    images, instructions, proprio = model._check_inputs(images, instructions, proprio)
+    return model.encode(images, instructions, proprio)
+
+
+@pytest.mark.parametrize("method,keep", [("fastv", 0.25), ("divprune", 0.4), ("random", 0.1), ("pooling", 0.25)])
+def test_fixed_ratio_methods_keep_round_k_and_original_positions(method, keep):
+    model = _model(recipe=[{"token_pruning": {"method": method, "keep": keep}}])
+    state = _encoded(model)
+    out = model.lm.hooks[0](state)
+    n = state.layout.visual
+    assert out.layout.visual == max(1, round(n * keep))
+    assert out.valid[:, out.layout.span("visual")].all()
+    # the segments after the visual tokens keep their position ids
+    after = slice(state.layout.span("visual").stop, None)
+    assert torch.equal(out.position_ids[:, out.layout.span("visual").stop :], state.position_ids[:, after])
+    if method != "pooling":  # dropped, not merged: kept tokens carry their original positions
+        vis = out.position_ids[:, out.layout.span("visual")]
+        assert set(vis.flatten().tolist()) <= set(range(1, 1 + n))
+        assert (vis.diff(dim=1) > 0).all()  # original order
+
+
+def test_lightvla_keeps_exactly_the_union_of_votes():
+    model = _model(recipe=[{"token_pruning": {"method": "lightvla"}}])
+    pruner = model.lm.hooks[0]
+    state = _encoded(model)
+    votes = pruner.votes(state)
+    out = pruner(state)
+    kept = out.valid[:, out.layout.span("visual")].sum(1)
+    expected = torch.tensor([len(torch.unique(v)) for v in votes])
+    assert torch.equal(kept, expected)
+    assert out.layout.visual == int(expected.max())
+    vis_pos = out.position_ids[:, out.layout.span("visual")]
+    for b in range(votes.shape[0]):  # kept tokens are exactly the voted ones, at their positions
+        assert vis_pos[b, : kept[b]].tolist() == (torch.unique(votes[b]) + 1).tolist()
+
+
+def test_lightvla_training_merge_is_straight_through():
+    scores = torch.randn(2, 5, 5, requires_grad=True)
+    patches = torch.randn(2, 5, 3)
+    merged = straight_through_merge(scores, patches)
+    expected = patches.gather(1, scores.argmax(-1)[..., None].expand(-1, -1, 3))
+    torch.testing.assert_close(merged, expected)  # forward: the hard choice
+    (merged * torch.randn_like(merged)).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0  # backward: the softmax
+
+
+def test_lightvla_training_mode_keeps_the_sequence_and_passes_gradients():
+    model = _model(recipe=[{"token_pruning": {"method": "lightvla"}}]).train()
+    model.lm.hooks[0].set_noise_scale(1.0)
+    images, instructions, proprio = observations(model.config)
+    actions = torch.zeros(3, model.config.chunk, model.config.action_dim)
+    loss = model.compute_loss(images, instructions, actions, proprio)
+    loss.backward()
+    assert model.projector[0].weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("lm", FAMILIES)
+def test_fastv_attention_rows_match_the_layer_attention(lm):
+    """probs @ V through o_proj reproduces the layer's own SDPA attention output."""
+    model = _model(lm)
+    state = _encoded(model)
+    layer = model.lm.decoder.layers[0]
+    rotary = model.lm.decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+    s = state.hidden.shape[1]
+    probs = attention_rows(layer, state, rotary, torch.arange(s))
+    attn = layer.self_attn
+    x = layer.input_layernorm(state.hidden)
+    v = attn.v_proj(x).view(x.shape[0], s, -1, attn.head_dim).transpose(1, 2)
+    v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
+    ours = attn.o_proj((probs @ v).transpose(1, 2).reshape(x.shape[0], s, -1))
+    ref, _ = attn(x, position_embeddings=rotary, attention_mask=state.attention_mask())
+    valid = state.valid
+    torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("step", [{"method": "fastv", "layer": 1, "keep": 0.5}, {"method": "lightvla"}])
+def test_optimized_model_saves_with_its_recipe_and_reloads_identical(tmp_path, step):
+    model = _model(recipe=[{"token_pruning": step}])
+    images, instructions, proprio = observations(model.config)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VLA.from_pretrained(tmp_path / "m")
+    assert loaded.config.recipe == model.config.recipe
+    assert [type(h).__name__ for h in loaded.lm.hooks] == [type(h).__name__ for h in model.lm.hooks]
+    assert torch.equal(loaded.predict_action(images, instructions, proprio), model.predict_action(images, instructions, proprio))
+
+
+def test_recipe_from_yaml_and_stacked_pruners(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- token_pruning: {method: pooling, keep: 0.5}\n- token_pruning: {method: fastv, layer: 1, keep: 0.5}\n")
+    model = _model(recipe=load_recipe(path))
+    assert model.config.recipe[1] == {"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}
+    pooled = model.lm.hooks[0](_encoded(model))
+    assert pooled.layout.visual == 16  # 2 cameras x (4x4 patches pooled 1x2 -> 4x2)
+    assert model.lm.hooks[1](pooled).layout.visual == 8  # fastv keeps half of those
+
+
+def test_recipe_errors_name_the_value():
+    with pytest.raises(KeyError, match=r"unknown token pruning method 'fastvv'; expected one of divprune, fastv, lightvla"):
+        _model(recipe=[{"token_pruning": {"method": "fastvv"}}])
+    with pytest.raises(ValueError, match=r"layer=9 is out of range; the LM has 2 decoder layers"):
+        _model(recipe=[{"token_pruning": {"method": "fastv", "layer": 9}}])
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['ratio'\]"):
+        _model(recipe=[{"token_pruning": {"method": "fastv", "ratio": 0.5}}])
+    with pytest.raises(ValueError, match=r"keep=1.5 must be in \(0, 1\]"):
+        _model(recipe=[{"token_pruning": {"method": "random", "keep": 1.5}}])
+    with pytest.raises(KeyError, match=r"unknown recipe step 'prune'"):
+        _model(recipe=[{"prune": {}}])
+
+
+def test_pool_kernel_factorizes_the_keep_ratio():
+    assert pool_kernel(1.0) == (1, 1)
+    assert pool_kernel(0.5) == (1, 2)
+    assert pool_kernel(0.25) == (2, 2)
+    assert pool_kernel(0.1) == (2, 5)
+
+
+def test_registry_lists_all_methods():
+    assert PRUNERS.names() == ["divprune", "fastv", "lightvla", "pooling", "random"]
