@@ -1,0 +1,1 @@
+"""Behaviour cloning of a VLA on demonstrations: trainer, schedules."""
