@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import observations
 
@@ -33,3 +34,20 @@ def test_optimize_applies_a_yaml_recipe(tmp_path, capsys):
     images, instructions, proprio = observations(model.config)
     assert torch.equal(optimized.predict_action(images, instructions, proprio),
                        reference.predict_action(images, instructions, proprio))
+
+
+def test_collect_then_train_from_the_command_line(tmp_path):
+    pytest.importorskip("metaworld")
+    data = tmp_path / "data"
+    assert main(["collect", "--tasks", "reach-v3", "--episodes-per-task", "2", "--out", str(data), "--workers", "0",
+                 "--image-size", "32", "--max-steps", "60"]) == 0
+    cfg = VLAConfig.tiny(cameras=2, proprio_dim=4, action_dim=4)
+    cfg.save(tmp_path / "cfg.yaml")
+    assert main(["train", "--data", str(data), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "m"),
+                 "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-fraction", "0.5"]) == 0
+    model = VLA.from_pretrained(tmp_path / "m")
+    assert len(model.stats()["action"]["q01"]) == 4
+    bad = VLAConfig.tiny(cameras=1, proprio_dim=4, action_dim=4)
+    bad.save(tmp_path / "bad.yaml")
+    with pytest.raises(SystemExit, match=r"does not fit the data .*: cameras=1 but the data has 2"):
+        main(["train", "--data", str(data), "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "m2")])

@@ -1,8 +1,28 @@
-"""vla-opt: make Vision-Language-Action policies fast at inference time, and measure the cost."""
+"""vla-opt: make Vision-Language-Action policies fast at inference time, and measure the cost.
 
-from vlaopt.config import HeadConfig, LMConfig, VisionConfig, VLAConfig
-from vlaopt.model.vla import VLA
-from vlaopt.optimize import apply, load_recipe
+The public names load lazily, so light subpackages (sim, data) do not pay for torch + transformers.
+"""
 
-__all__ = ["VLA", "VLAConfig", "VisionConfig", "LMConfig", "HeadConfig", "apply", "load_recipe"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "VLA": "vlaopt.model.vla",
+    "VLAConfig": "vlaopt.config",
+    "VisionConfig": "vlaopt.config",
+    "LMConfig": "vlaopt.config",
+    "HeadConfig": "vlaopt.config",
+    "apply": "vlaopt.optimize",
+    "load_recipe": "vlaopt.optimize",
+}
+
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vlaopt' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

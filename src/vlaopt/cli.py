@@ -65,6 +65,46 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _collect(args: argparse.Namespace) -> int:
+    """Record successful scripted-expert episodes of MetaWorld tasks."""
+    from vlaopt.data.collect import collect
+    from vlaopt.sim.tasks import resolve_tasks
+
+    index = collect(resolve_tasks(args.tasks), args.episodes_per_task, args.out, workers=args.workers,
+                    image_size=args.image_size, cameras=tuple(args.cameras), max_steps=args.max_steps, seed=args.seed)
+    Console().print(f"wrote {index}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Behaviour-clone a VLA (config file) on a collection folder of demonstrations."""
+    from vlaopt.data.dataset import EpisodeDataset, compute_stats
+    from vlaopt.model.vla import VLA
+    from vlaopt.optimize import apply
+    from vlaopt.train.trainer import TrainConfig, train
+
+    cfg = VLAConfig.load(args.config)
+    train_set = EpisodeDataset(args.data, "train", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
+    val_set = EpisodeDataset(args.data, "val", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
+    sample = train_set[0]
+    found = {"cameras": sample["images"].shape[0], "vision.image_size": sample["images"].shape[1],
+             "proprio_dim": sample["proprio"].shape[0], "action_dim": sample["actions"].shape[1]}
+    wanted = {"cameras": cfg.cameras, "vision.image_size": cfg.vision.image_size, "proprio_dim": cfg.proprio_dim,
+              "action_dim": cfg.action_dim}
+    bad = [f"{k}={wanted[k]} but the data has {found[k]}" for k in wanted if wanted[k] != found[k]]
+    if bad:
+        raise SystemExit(f"config {args.config} does not fit the data in {args.data}: {'; '.join(bad)}")
+    model = VLA(cfg)
+    if args.pruner:
+        apply(model, [{"token_pruning": {"method": args.pruner}}])
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     val_every=args.val_every, save_every=args.save_every, warmup_steps=min(100, args.steps // 10 + 1))
+    log = train(model, train_set, val_set, args.out, tc, compute_stats(train_set), resume=not args.no_resume)
+    last = log["val_action_error"][-1][1] if log["val_action_error"] else float("nan")
+    Console().print(f"saved {args.out}; final validation action L1 error {last:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
     opt.add_argument("--out", required=True, help="directory for the optimized model")
     opt.set_defaults(func=_optimize)
+    from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
+
+    col = sub.add_parser("collect", help="record MetaWorld scripted-expert demonstrations")
+    col.add_argument("--tasks", required=True, help="mt10, a task name such as reach-v3, or a comma list")
+    col.add_argument("--episodes-per-task", type=int, required=True)
+    col.add_argument("--out", required=True)
+    col.add_argument("--workers", type=int, default=2)
+    col.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    col.add_argument("--cameras", nargs="+", default=list(DEFAULT_CAMERAS))
+    col.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    col.add_argument("--seed", type=int, default=0)
+    col.set_defaults(func=_collect)
+    tr = sub.add_parser("train", help="behaviour-clone a VLA on collected demonstrations")
+    tr.add_argument("--data", required=True, help="collection folder written by `vla-opt collect`")
+    tr.add_argument("--config", required=True, help="VLAConfig as YAML or JSON")
+    tr.add_argument("--out", required=True, help="model directory (checkpoints land here; rerun to resume)")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=3e-4)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--val-fraction", type=float, default=0.1)
+    tr.add_argument("--val-every", type=int, default=500)
+    tr.add_argument("--save-every", type=int, default=500)
+    tr.add_argument("--pruner", choices=["lightvla"], help="train with a LightVLA pruner (noise decays 1 -> 0)")
+    tr.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    tr.set_defaults(func=_train)
     return parser
 
 
