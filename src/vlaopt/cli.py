@@ -105,6 +105,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Measure recipes side by side on one model: stage latency, FLOPs, tokens, action error, success."""
+    from pathlib import Path
+
+    from vlaopt.bench import heldout as held
+    from vlaopt.bench.harness import BenchConfig, random_observations, run_bench
+    from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files
+    from vlaopt.bench.report import to_table, write_outputs
+    from vlaopt.model.vla import VLA
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    model = VLA.from_pretrained(model_dir, device=args.device)
+    if args.recipes:
+        recipes = recipes_from_files(args.recipes)
+    elif args.quick:
+        recipes = {k: DEFAULT_RECIPES[k] for k in QUICK_RECIPES}
+    else:
+        recipes = DEFAULT_RECIPES
+    cfg = BenchConfig(batch=args.batch, repeats=args.repeats or (5 if args.quick else 15),
+                      warmup=1 if args.quick else 3, eval_samples=16 if args.quick else 64)
+    if args.data:
+        heldout = held.from_collection(args.data, cfg.eval_samples, model.config.chunk)
+    elif (model_dir / held.HELDOUT_FILE).is_file():
+        heldout = held.load_npz(model_dir / held.HELDOUT_FILE).take(slice(0, cfg.eval_samples))
+    else:
+        heldout = None
+    timing = heldout if heldout is not None and len(heldout) >= cfg.batch else random_observations(model.config, cfg.batch)
+    result = run_bench(model, recipes, timing, heldout, cfg)
+    console = Console()
+    console.print(to_table(result))
+    for path in write_outputs(result, args.json, args.out):
+        console.print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
     opt.add_argument("--out", required=True, help="directory for the optimized model")
     opt.set_defaults(func=_optimize)
+    bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
+    bench.add_argument("--model", required=True, help="model directory")
+    bench.add_argument("--recipes", nargs="+", help="recipe YAML files (each one recipe, named by its file stem)")
+    bench.add_argument("--quick", action="store_true", help="three recipes, few rounds: about a minute")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--repeats", type=int, default=0, help="timing rounds (0: 15, or 5 with --quick)")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--data", help="collection folder whose validation episodes give held-out demonstrations")
+    bench.add_argument("--json", default="bench-results/bench.json", help="where the JSON result goes")
+    bench.add_argument("--out", default="bench-results", help="folder for bench.md, pareto.png, stages.png")
+    bench.set_defaults(func=_bench)
     from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
     col = sub.add_parser("collect", help="record MetaWorld scripted-expert demonstrations")

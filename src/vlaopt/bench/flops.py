@@ -4,7 +4,8 @@ for SDPA on CPU, and the per-kernel formulas differ across devices)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,12 +31,41 @@ class _SDPACounter(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+@contextmanager
+def _counting() -> Iterator[Callable[[], int]]:
+    """Count FLOPs inside the block; the yielded function returns the count afterwards."""
+    with FlopCounterMode(display=False) as counter, _SDPACounter() as sdpa:
+        yield lambda: sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
+                          if "attention" not in str(op)) + sdpa.flops
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs of running `fn()` once."""
-    with FlopCounterMode(display=False) as counter, _SDPACounter() as sdpa:
+    with _counting() as total:
         fn()
-    total = 0
-    for op, n in counter.get_flop_counts().get("Global", {}).items():
-        if "attention" not in str(op):
-            total += n
-    return total + sdpa.flops
+    return total()
+
+
+class FlopRecorder:
+    """A stage recorder (same interface as `StageTimer`) that counts FLOPs per stage instead of time;
+    a nested stage such as `lm.prune` is also counted in its enclosing stage, as with time."""
+
+    def __init__(self) -> None:
+        self.flops: dict[str, int] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        with _counting() as total:
+            yield
+        self.flops[name] = self.flops.get(name, 0) + total()
+
+
+def analytic_lm_flops(config: Any, seq_lens: list[int], batch: int = 1) -> int:
+    """Forward FLOPs of a Llama/Qwen-style decoder run with `seq_lens[i]` tokens in layer i:
+    q/k/v/o and gated-MLP projections (2 FLOPs per multiply-add) plus full attention over the
+    layer's tokens. Used to check the counter and to explain what pruning saves."""
+    d, inter = config.hidden_size, config.intermediate_size
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or d // heads
+    per_token = 2 * (d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * inter)
+    return batch * sum(per_token * s + 4 * heads * hd * s * s for s in seq_lens)

@@ -29,6 +29,25 @@ def _summary(values: list[float]) -> StageStats:
     return StageStats(statistics.median(ms), q[0], q[2])
 
 
+def time_once(model: Any, images: Any, instructions: list[str], proprio: Any = None) -> dict[str, float]:
+    """Seconds per stage of one `model.predict_action`, plus the end-to-end `total`."""
+    timer = StageTimer(model.device)
+    if timer.cuda:
+        torch.cuda.synchronize(model.device)
+    t0 = time.perf_counter()
+    model.predict_action(images, instructions, proprio, timer=timer)
+    if timer.cuda:
+        torch.cuda.synchronize(model.device)
+    total = time.perf_counter() - t0
+    return {**timer.result(), "total": total}
+
+
+def summarize(samples: list[dict[str, float]]) -> dict[str, StageStats]:
+    """Median and spread per stage over repeated `time_once` results."""
+    names = list(dict.fromkeys(name for sample in samples for name in sample))
+    return {name: _summary([s[name] for s in samples if name in s]) for name in names}
+
+
 def time_stages(
     model: Any, images: Any, instructions: list[str], proprio: Any = None, repeats: int = 20, warmup: int = 3
 ) -> dict[str, StageStats]:
@@ -37,17 +56,4 @@ def time_stages(
         raise ValueError(f"repeats={repeats} must be at least 1")
     for _ in range(warmup):
         model.predict_action(images, instructions, proprio)
-    samples: dict[str, list[float]] = {}
-    for _ in range(repeats):
-        timer = StageTimer(model.device)
-        if timer.cuda:
-            torch.cuda.synchronize(model.device)
-        t0 = time.perf_counter()
-        model.predict_action(images, instructions, proprio, timer=timer)
-        if timer.cuda:
-            torch.cuda.synchronize(model.device)
-        total = time.perf_counter() - t0
-        for name, sec in timer.result().items():
-            samples.setdefault(name, []).append(sec)
-        samples.setdefault("total", []).append(total)
-    return {name: _summary(values) for name, values in samples.items()}
+    return summarize([time_once(model, images, instructions, proprio) for _ in range(repeats)])

@@ -237,10 +237,12 @@ class VLA(nn.Module):
         """Unnormalized actions (B, chunk, action_dim) for a batch of observations.
 
         Diffusion and flow heads start from `noise` (B, chunk, action_dim) when given, else from
-        Gaussian noise drawn with `seed`. A `StageTimer` records vision / projector / lm / head times.
+        Gaussian noise drawn with `seed`. A `StageTimer` records inputs / vision / projector / lm / head
+        times (input checking, encoders, the decoder with its pruning hooks, the action head).
         """
         timer = timer or NULL_TIMER
-        images, instructions, proprio = self._check_inputs(images, instructions, proprio)
+        with timer.stage("inputs"):
+            images, instructions, proprio = self._check_inputs(images, instructions, proprio)
         state = self.encode(images, instructions, proprio, timer)
         with timer.stage("lm"):
             state = self.lm(state, timer)

@@ -1,0 +1,53 @@
+"""Held-out demonstration samples for the quality columns of the benchmark: from a collection
+folder's validation split, or from a `heldout.npz` stored beside a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlaopt.bench.harness import Observations
+from vlaopt.utils.io import atomic_write
+
+HELDOUT_FILE = "heldout.npz"
+
+
+def from_collection(root: str | Path, n: int, chunk: int, seed: int = 0) -> Observations:
+    """`n` samples spread evenly over the validation episodes of a collection folder."""
+    from vlaopt.data.dataset import EpisodeDataset
+
+    data = EpisodeDataset(root, "val", chunk=chunk, seed=seed)
+    picks = np.linspace(0, len(data) - 1, num=min(n, len(data))).round().astype(int)
+    samples = [data[int(i)] for i in picks]
+    return Observations(
+        images=torch.stack([s["images"] for s in samples]),
+        instructions=[s["instruction"] for s in samples],
+        proprio=torch.stack([s["proprio"] for s in samples]),
+        actions=torch.stack([s["actions"] for s in samples]),
+    )
+
+
+def save_npz(obs: Observations, path: str | Path) -> None:
+    """Store held-out samples (e.g. beside a shipped model), atomically."""
+    arrays = {"images": obs.images.numpy(), "instructions": np.array(obs.instructions), "actions": obs.actions.numpy()}
+    if obs.proprio is not None:
+        arrays["proprio"] = obs.proprio.numpy()
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_npz(path: str | Path) -> Observations:
+    """Read held-out samples written by `save_npz`."""
+    with np.load(path) as f:
+        return Observations(
+            images=torch.from_numpy(f["images"]),
+            instructions=[str(s) for s in f["instructions"]],
+            proprio=torch.from_numpy(f["proprio"]) if "proprio" in f else None,
+            actions=torch.from_numpy(f["actions"]),
+        )
