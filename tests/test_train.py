@@ -78,5 +78,5 @@ def test_schedules():
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, 10, 100) == pytest.approx(0.1)
     assert lightvla_noise(0, 10) == 1.0 and lightvla_noise(10, 10) == 0.0
-    with pytest.raises(ValueError, match=r"train.steps=0 must be positive"):
+    with pytest.raises(ValueError, match=r"train.steps=0 must be a positive integer"):
         TrainConfig(steps=0)

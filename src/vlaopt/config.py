@@ -14,21 +14,17 @@ from typing import Any
 
 import yaml
 
+from vlaopt.utils.checks import check_choice, check_positive
 from vlaopt.utils.io import atomic_write_text
 
 VISION_KINDS = ("siglip", "dinov2", "fused")
 LM_FAMILIES = ("llama", "qwen2", "qwen3")
-HEAD_KINDS = ("l1", "discrete", "diffusion", "flow")
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(choices)}")
-
-
-def _check_positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
+HEAD_KINDS = ("l1", "discrete", "diffusion", "flow", "expert")
+KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
+INTEGRATORS = ("euler", "midpoint")
+TRAJECTORY_MODES = ("flow", "autoregressive")
+EXPERT_ONLY = {"kv_layers": "all", "integrator": "euler", "reasoning_tokens": 0, "temperature": 0.0, "top_p": 1.0,
+               "trajectory": "flow"}  # HeadConfig fields (and defaults) that only the expert head reads
 
 
 @dataclass
@@ -44,9 +40,9 @@ class VisionConfig:
     intermediate_size: int = 3072
 
     def __post_init__(self) -> None:
-        _check_choice("vision.kind", self.kind, VISION_KINDS)
-        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            _check_positive(f"vision.{name}", getattr(self, name))
+        check_choice("vision.kind", self.kind, VISION_KINDS)
+        check_positive(self, "vision.", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
+                       "intermediate_size")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size={self.image_size} must be a multiple of vision.patch_size={self.patch_size}"
@@ -91,7 +87,12 @@ class LMConfig:
 
 @dataclass
 class HeadConfig:
-    """Action head: `l1` regression, `discrete` 256-bin tokens, `diffusion` (DDIM) or `flow` matching."""
+    """Action head: `l1` regression, `discrete` 256-bin tokens, `diffusion` (DDIM) or `flow` matching, or
+    `expert`: a small transformer over the VLM's KV cache refined by flow steps (pi0 / GR-3 / Alpamayo-R1).
+
+    Expert-only options (docs/expert.md): `kv_layers` (all | later), `integrator` (euler | midpoint),
+    `reasoning_tokens` (text the VLM may generate before acting; sampled when `temperature` > 0, with
+    `top_p`) and `trajectory` (`autoregressive` decodes discretised action tokens one by one instead)."""
 
     kind: str = "l1"
     hidden_dim: int = 256
@@ -99,13 +100,30 @@ class HeadConfig:
     steps: int = 10
     train_timesteps: int = 100
     bins: int = 256
+    kv_layers: str = EXPERT_ONLY["kv_layers"]
+    integrator: str = EXPERT_ONLY["integrator"]
+    reasoning_tokens: int = EXPERT_ONLY["reasoning_tokens"]
+    temperature: float = EXPERT_ONLY["temperature"]
+    top_p: float = EXPERT_ONLY["top_p"]
+    trajectory: str = EXPERT_ONLY["trajectory"]
 
     def __post_init__(self) -> None:
-        _check_choice("head.kind", self.kind, HEAD_KINDS)
-        for name in ("hidden_dim", "num_blocks", "steps", "train_timesteps", "bins"):
-            _check_positive(f"head.{name}", getattr(self, name))
+        check_choice("head.kind", self.kind, HEAD_KINDS)
+        check_positive(self, "head.", "hidden_dim", "num_blocks", "steps", "train_timesteps", "bins")
         if self.steps > self.train_timesteps:
             raise ValueError(f"head.steps={self.steps} cannot exceed head.train_timesteps={self.train_timesteps}")
+        check_choice("head.kv_layers", self.kv_layers, KV_LAYER_CHOICES)
+        check_choice("head.integrator", self.integrator, INTEGRATORS)
+        check_choice("head.trajectory", self.trajectory, TRAJECTORY_MODES)
+        if not isinstance(self.reasoning_tokens, int) or self.reasoning_tokens < 0:
+            raise ValueError(f"head.reasoning_tokens={self.reasoning_tokens!r} must be a non-negative integer")
+        if not self.temperature >= 0:
+            raise ValueError(f"head.temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"head.top_p={self.top_p!r} must be in (0, 1]")
+        for name, default in EXPERT_ONLY.items():
+            if self.kind != "expert" and getattr(self, name) != default:
+                raise ValueError(f"head.{name}={getattr(self, name)!r} applies only to head.kind='expert', not {self.kind!r}")
 
 
 @dataclass
@@ -127,8 +145,7 @@ class VLAConfig:
     recipe: list[dict[str, Any]] = field(default_factory=list)  # optimization steps applied, resolved
 
     def __post_init__(self) -> None:
-        for name in ("cameras", "action_dim", "chunk"):
-            _check_positive(name, getattr(self, name))
+        check_positive(self, "", "cameras", "action_dim", "chunk")
         if not isinstance(self.proprio_dim, int) or self.proprio_dim < 0:
             raise ValueError(f"proprio_dim={self.proprio_dim!r} must be a non-negative integer")
 
@@ -196,7 +213,7 @@ class VLAConfig:
         chunk: int = 4,
     ) -> VLAConfig:
         """A few-hundred-thousand-parameter VLA for tests and demos (built from config, no download)."""
-        _check_choice("lm", lm, LM_FAMILIES)
+        check_choice("lm", lm, LM_FAMILIES)
         from vlaopt.model.tokenizer import BUILTIN_VOCAB_SIZE
 
         hf = {

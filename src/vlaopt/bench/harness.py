@@ -24,6 +24,7 @@ from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import matmul_throughput
 from vlaopt.bench.stages import summarize, time_once
 from vlaopt.optimize import apply
+from vlaopt.utils.checks import check_positive
 
 STAGES = ("inputs", "vision", "projector", "lm", "head")
 
@@ -39,9 +40,7 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch", "repeats", "eval_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"bench {name}={getattr(self, name)!r} must be at least 1")
+        check_positive(self, "bench.", "batch", "repeats", "eval_samples")
 
 
 @dataclass

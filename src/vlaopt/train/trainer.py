@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlaopt.model.vla import VLA
 from vlaopt.train.schedules import lightvla_noise, lr_factor
+from vlaopt.utils.checks import check_positive
 from vlaopt.utils.io import atomic_write, atomic_write_text
 
 STATE_FILE = "trainer_state.pt"
@@ -39,9 +40,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "save_every", "val_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"train.{name}={getattr(self, name)!r} must be positive")
+        check_positive(self, "train.", "steps", "batch_size", "val_every", "save_every", "val_batches")
         if self.lr <= 0:
             raise ValueError(f"train.lr={self.lr!r} must be positive")
 
