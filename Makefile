@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system-deps clean
+.PHONY: bench demo test system-deps clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 
 system-deps:
 	bash scripts/install-system-deps.sh
+
+bench: $(STAMP)
+	$(VENV)/bin/vla-opt bench
 
 demo: $(STAMP)
 	$(VENV)/bin/vla-opt demo

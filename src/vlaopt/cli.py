@@ -142,6 +142,42 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Closed-loop success on MetaWorld tasks and/or the open-loop action error on held-out demos."""
+    from vlaopt.model.vla import VLA
+
+    if not args.tasks and not args.data:
+        raise SystemExit("vla-opt eval needs --tasks (closed loop), --data (open loop), or both")
+    console = Console()
+    model = VLA.from_pretrained(args.model)
+    if args.data:
+        from vlaopt.eval.open_loop import open_loop_error
+
+        result = open_loop_error(model, args.data, val_fraction=args.val_fraction, seed=args.split_seed)
+        per_task = ", ".join(f"{t} {e:.4f}" for t, e in result.per_task.items())
+        console.print(f"open-loop action L1 on the val split of {args.data} ({result.samples} steps): "
+                      f"{result.l1:.4f} ({per_task})")
+    if args.tasks:
+        from vlaopt.eval.closed_loop import EvalConfig, evaluate
+        from vlaopt.sim.tasks import resolve_tasks
+
+        cfg = EvalConfig(episodes=args.episodes, execute=args.execute, max_steps=args.max_steps, seed=args.seed,
+                         workers=args.workers, cameras=tuple(args.cameras) if args.cameras else None,
+                         gif_dir=args.gifs, gif_episodes=args.gif_episodes)
+        result = evaluate(args.model, resolve_tasks(args.tasks), cfg)
+        table = Table(title=f"closed-loop success, {args.episodes} episodes per task, seed {args.seed}, "
+                            f"{result.settings['execute']} of {result.settings['chunk']} actions per chunk")
+        for col in ("task", "success", "95% CI"):
+            table.add_column(col, justify="left" if col == "task" else "right")
+        for name, rate in [*result.tasks.items(), ("overall", result.overall)]:
+            table.add_row(name, f"{rate.successes}/{rate.episodes} = {rate.success_rate:.0%}",
+                          f"{rate.ci95[0]:.0%} - {rate.ci95[1]:.0%}")
+        console.print(table)
+        if args.json:
+            console.print(f"wrote {result.write_json(args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,12 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.set_defaults(func=_demo)
     opt = sub.add_parser("optimize", help="apply a recipe (YAML list of steps) to a saved model")
-    opt.add_argument("--model", required=True, help="directory written by save_pretrained")
+    opt.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
     opt.add_argument("--out", required=True, help="directory for the optimized model")
     opt.set_defaults(func=_optimize)
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
-    bench.add_argument("--model", required=True, help="model directory")
+    bench.add_argument("--model", default="default", help="model directory, or 'default' (the bundled policy)")
     bench.add_argument("--recipes", nargs="+", help="recipe YAML files (each one recipe, named by its file stem)")
     bench.add_argument("--quick", action="store_true", help="three recipes, few rounds: about a minute")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -198,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--pruner", choices=["lightvla"], help="train with a LightVLA pruner (noise decays 1 -> 0)")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     tr.set_defaults(func=_train)
+    ev = sub.add_parser("eval", help="closed-loop success on MetaWorld tasks; open-loop action error on demos")
+    ev.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
+    ev.add_argument("--tasks", help="mt10, a task name such as reach-v3, or a comma list (closed loop)")
+    ev.add_argument("--episodes", type=int, default=20, help="episodes per task")
+    ev.add_argument("--execute", type=int, help="actions executed per predicted chunk (default: the whole chunk)")
+    ev.add_argument("--workers", type=int, default=2, help="parallel processes (0: this process)")
+    ev.add_argument("--seed", type=int, default=0, help="base seed of the episodes' initial states")
+    ev.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    ev.add_argument("--cameras", nargs="+", help=f"cameras to render (default: {' '.join(DEFAULT_CAMERAS)})")
+    ev.add_argument("--json", help="write per-task and overall success (and every episode) to this file")
+    ev.add_argument("--gifs", help="folder for rollout GIFs")
+    ev.add_argument("--gif-episodes", type=int, default=1, help="GIFs of the first N episodes of each task")
+    ev.add_argument("--data", help="collection folder: also report the open-loop action L1 on its val split")
+    ev.add_argument("--val-fraction", type=float, default=0.1, help="val split of --data, as in vla-opt train")
+    ev.add_argument("--split-seed", type=int, default=0, help="split seed of --data (vla-opt train's --seed)")
+    ev.set_defaults(func=_eval)
     return parser
 
 

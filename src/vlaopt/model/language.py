@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from vlaopt.bench.timer import NULL_TIMER
 from vlaopt.config import LMConfig
+from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
 
 
@@ -70,10 +71,12 @@ class LanguageModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings()(hidden)
 
-    def forward(self, state: TokenState, timer: Any = NULL_TIMER) -> TokenState:
+    def forward(self, state: TokenState, timer: Any = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
         """Run all decoder layers (and hooks) and the final norm; returns a new final token state.
 
-        Hook time is recorded under the stage `lm.prune` (a part of the caller's `lm` stage)."""
+        Hook time is recorded under the stage `lm.prune` (a part of the caller's `lm` stage). With a
+        `cache`, each attention layer appends the keys/values of the tokens it saw (with their
+        validity) to it, for the action expert and for decoding."""
         decoder = self.decoder
         state = replace(state)
         rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
@@ -85,8 +88,11 @@ class LanguageModel(nn.Module):
                         state = hook(state)
                         rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
                         mask = state.attention_mask()
+            if cache is not None:
+                cache.expect(state.valid)
             state.hidden = layer(
-                state.hidden, attention_mask=mask, position_ids=state.position_ids, position_embeddings=rotary
+                state.hidden, attention_mask=mask, position_ids=state.position_ids, position_embeddings=rotary,
+                past_key_values=cache,
             )
         state.hidden = decoder.norm(state.hidden)
         return state

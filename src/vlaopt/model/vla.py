@@ -27,6 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from vlaopt.bench.timer import NULL_TIMER, StageTimer
 from vlaopt.config import VLAConfig
 from vlaopt.model.checkpoint import CheckpointError, load_weights, save_weights
+from vlaopt.model.expert_policy import act, expert_loss
 from vlaopt.model.heads import build_head
 from vlaopt.model.language import LanguageModel, build_causal_lm
 from vlaopt.model.layout import Layout, TokenState
@@ -36,6 +37,14 @@ from vlaopt.model.vision import VisionEncoder, mlp_projector
 from vlaopt.utils.io import atomic_write_text
 
 CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "stats.json"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
+"""The trained default policy shipped in the package (README, "The default policy")."""
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """A model directory; the name "default" means the packaged default policy (use ./default for a
+    local folder of that name)."""
+    return DEFAULT_MODEL_DIR if str(name) == "default" else Path(name)
 
 
 def prompt_text(instruction: str) -> str:
@@ -58,7 +67,7 @@ class VLA(nn.Module):
             width = self.lm.hidden_size
             self.projector = mlp_projector(config.vision.feature_dim, width, fused=config.vision.kind == "fused")
             self.proprio_projector = mlp_projector(config.proprio_dim, width, False) if config.proprio_dim else None
-            self.head = build_head(config.head, width, config.action_dim, config.chunk)
+            self.head = build_head(config.head, width, config.action_dim, config.chunk, self.lm.causal_lm.config)
         # A saved model must rebuild without the directory its LM came from.
         config.lm.hf_config = {k: v for k, v in self.lm.causal_lm.config.to_dict().items() if k != "transformers_version"}
         self.action_norm = BoundsNormalizer(config.action_dim)
@@ -119,8 +128,8 @@ class VLA(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VLA:
-        """Load a model written by `save_pretrained`."""
-        directory = Path(directory)
+        """Load a model written by `save_pretrained`; "default" loads the packaged default policy."""
+        directory = resolve_model_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
         for name in (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE):
@@ -131,6 +140,11 @@ class VLA(nn.Module):
         load_weights(model, directory / WEIGHTS_FILE)
         model.set_stats(json.loads((directory / STATS_FILE).read_text()))
         return model.to(device).eval()
+
+    @classmethod
+    def default(cls, device: str | torch.device = "cpu") -> VLA:
+        """The trained default policy shipped in the package (MetaWorld, two 64 px cameras)."""
+        return cls.from_pretrained(DEFAULT_MODEL_DIR, device)
 
     # ---- input checking ---------------------------------------------------------------------------
     def _check_inputs(
@@ -202,14 +216,18 @@ class VLA(nn.Module):
                 parts.append(self.proprio_projector(self.proprio_norm.normalize(proprio))[:, None])
             prompt_ids, prompt_valid = self._prompt_ids(instructions)
             parts.append(self.lm.embed(prompt_ids))
-            parts.append(visual.new_zeros(batch, self.config.num_action_tokens, width))
-            parts.append(self.lm.embed(torch.full((batch, 1), self.stop_id, device=self.device)))
+            # the action expert reads the KV cache of [BOS][visual][proprio][prompt]: no slots, no STOP
+            slots = 0 if self.head.reads_kv_cache else self.config.num_action_tokens
+            if not self.head.reads_kv_cache:
+                parts.append(visual.new_zeros(batch, slots, width))
+                parts.append(self.lm.embed(torch.full((batch, 1), self.stop_id, device=self.device)))
             hidden = torch.cat(parts, dim=1)
             layout = Layout(
                 visual=visual.shape[1],
                 proprio=1 if self.proprio_projector is not None else 0,
                 prompt=prompt_ids.shape[1],
-                action=self.config.num_action_tokens,
+                action=slots,
+                stop=0 if self.head.reads_kv_cache else 1,
             )
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=self.device)
             valid[:, layout.span("prompt")] = prompt_valid
@@ -236,14 +254,17 @@ class VLA(nn.Module):
     ) -> torch.Tensor:
         """Unnormalized actions (B, chunk, action_dim) for a batch of observations.
 
-        Diffusion and flow heads start from `noise` (B, chunk, action_dim) when given, else from
+        Diffusion, flow and expert heads start from `noise` (B, chunk, action_dim) when given, else from
         Gaussian noise drawn with `seed`. A `StageTimer` records inputs / vision / projector / lm / head
-        times (input checking, encoders, the decoder with its pruning hooks, the action head).
+        times (input checking, encoders, the decoder with its pruning hooks, the action head); with
+        the expert head, lm / head become prefix / reasoning / flow (or trajectory).
         """
         timer = timer or NULL_TIMER
         with timer.stage("inputs"):
             images, instructions, proprio = self._check_inputs(images, instructions, proprio)
         state = self.encode(images, instructions, proprio, timer)
+        if self.head.reads_kv_cache:  # prefix / reasoning / flow stages: model/expert_policy.py
+            return self.action_norm.unnormalize(act(self, state, noise, seed, timer).actions.float())
         with timer.stage("lm"):
             state = self.lm(state, timer)
         with timer.stage("head"):
@@ -272,5 +293,7 @@ class VLA(nn.Module):
             raise ValueError(f"actions have shape {tuple(actions.shape)}, expected {expected}")
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or infinite values")
+        if self.head.reads_kv_cache:
+            return expert_loss(self, self.encode(images, instructions, proprio), self.action_norm.normalize(actions), generator)
         state = self.lm(self.encode(images, instructions, proprio))
         return self.head.loss(self.action_hidden(state), self._readout(), self.action_norm.normalize(actions), generator)

@@ -4,7 +4,7 @@ A recipe is an ordered list of `{step: {params}}` (YAML or Python). Step kinds r
 `token_pruning` (tokens/), and the families that follow the same pattern.
 """
 
-from vlaopt.optimize import tokens  # noqa: F401  (registers the token_pruning step)
+from vlaopt.optimize import head, layers, quant, tokens, weights  # noqa: F401  (register the recipe steps)
 from vlaopt.optimize.recipe import STEPS, apply, load_recipe, rebuild
 
 __all__ = ["STEPS", "apply", "load_recipe", "rebuild"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,9 @@ STEPS: Registry[type[RecipeStep]] = Registry("recipe step")
 
 class RecipeStep(ABC):
     """One kind of recipe step (e.g. `token_pruning`)."""
+
+    def __init__(self, calibration: Sequence[Any] | None = None) -> None:
+        self.calibration = calibration  # observation batches for the steps that calibrate on data
 
     @abstractmethod
     def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -71,10 +75,11 @@ def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any
     return recipe
 
 
-def apply(model: Any, recipe: str | Path | list[dict[str, Any]]) -> Any:
-    """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`."""
+def apply(model: Any, recipe: str | Path | list[dict[str, Any]], calibration: Sequence[Any] | None = None) -> Any:
+    """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`.
+    `calibration` holds observation batches for steps that calibrate on data (`source: given`)."""
     for name, params in _entries(load_recipe(recipe)):
-        resolved = STEPS.get(name)().apply(model, params)
+        resolved = STEPS.get(name)(calibration).apply(model, params)
         model.config.recipe.append({name: resolved})
     return model
 

@@ -10,17 +10,19 @@ from abc import abstractmethod
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from vlaopt.config import HeadConfig
 from vlaopt.utils.registry import Registry
 
-HEADS: Registry[type[ActionHead]] = Registry("action head")
+HEADS: Registry[type[nn.Module]] = Registry("action head")  # ActionHead subclasses, and the expert head
 
 
 class ActionHead(nn.Module):
     """Base class: subclasses implement `predict` and `loss`."""
 
     stochastic = False  # True when `predict` starts from noise
+    reads_kv_cache = False  # the expert head reads the VLM's KV cache instead of action-slot states
 
     def __init__(self, cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int) -> None:
         super().__init__()
@@ -45,6 +47,12 @@ class ActionHead(nn.Module):
         """Training loss against normalized target actions (B, chunk, action_dim)."""
 
 
-def build_head(cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int) -> ActionHead:
-    """Instantiate the head named by `cfg.kind`."""
-    return HEADS.get(cfg.kind)(cfg, hidden_size, action_dim, chunk)
+def build_head(
+    cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int, lm_config: PretrainedConfig
+) -> nn.Module:
+    """Instantiate the head named by `cfg.kind`; the expert head (`reads_kv_cache`) is built from the
+    LM's HF config instead of its width, as it shares the LM's family and attention geometry."""
+    cls = HEADS.get(cfg.kind)
+    if cls.reads_kv_cache:
+        return cls(cfg, action_dim, chunk, lm_config)
+    return cls(cfg, hidden_size, action_dim, chunk)

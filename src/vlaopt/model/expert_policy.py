@@ -1,0 +1,126 @@
+"""The inference and training path of a VLA whose head is the action expert (heads/expert.py).
+
+    prefix   [BOS][visual][proprio][prompt] -> our layer loop (pruning hooks apply) -> KVCache, once
+    reasoning (optional, Alpamayo-R1) up to `head.reasoning_tokens` text tokens decoded into the cache,
+              a logits processor forbidding the action-bin (trajectory) tokens, until STOP
+    flow     `head.steps` expert passes over the cache, which none of them grows
+    or, with `head.trajectory: autoregressive`, chunk x action_dim action tokens decoded one by one
+
+The prefix has no action slots and no STOP: it ends where the answer begins ("Out:"), so reasoning
+continues the prompt, and the expert's chunk tokens take the positions after the last cached token.
+Stages are timed as `prefix`, `reasoning`, `flow` (or `trajectory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vlaopt.bench.timer import NULL_TIMER
+from vlaopt.model.decode import (
+    decode_action_bins,
+    generate_text,
+    last_token_logits,
+    next_positions,
+    text_processors,
+)
+from vlaopt.model.kv_cache import KVCache
+from vlaopt.model.layout import TokenState
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
+
+
+@dataclass
+class ExpertRollout:
+    """One prediction of the expert path: normalized actions, the reasoning ids and the cache."""
+
+    actions: torch.Tensor  # (B, chunk, action_dim), normalized to [-1, 1]
+    reasoning: torch.Tensor  # (B, n) generated ids, the pad id after a sample's STOP; n = 0 without reasoning
+    cache: KVCache
+
+
+def fill_prefix(model: VLA, state: TokenState, timer: Any = NULL_TIMER) -> tuple[KVCache, TokenState]:
+    """Run the LM once over the prefix; the cache of every attention layer and the final state."""
+    cache = KVCache()
+    final = model.lm(state, timer, cache=cache)
+    cache.next_position = next_positions(state)
+    return cache, final
+
+
+def forbidden_text_ids(model: VLA) -> list[int]:
+    """Ids reasoning may not emit: the action bins (the trajectory tokens) and the pad id (fill after
+    STOP), unless the pad id is the STOP id itself."""
+    vocab, bins = model.lm.vocab_size, model.head.cfg.bins
+    ids = list(range(vocab - bins, vocab))
+    return ids if model.pad_id == model.stop_id else [model.pad_id, *ids]
+
+
+def bin_centers(bins: int, device: torch.device) -> torch.Tensor:
+    """Centres of `bins` uniform bins over [-1, 1] (the discrete head's discretisation)."""
+    edges = torch.linspace(-1.0, 1.0, bins + 1, device=device)
+    return (edges[:-1] + edges[1:]) / 2
+
+
+def act(
+    model: VLA, state: TokenState, noise: torch.Tensor | None = None, seed: int = 0, timer: Any = NULL_TIMER
+) -> ExpertRollout:
+    """Prefix -> optional reasoning -> flow steps (or autoregressive action tokens) for an encoded
+    batch. Noise (B, chunk, action_dim) is drawn with `seed` unless given; sampled reasoning draws
+    from the same generator, after the noise."""
+    head, cfg = model.head, model.head.cfg
+    batch = state.hidden.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if noise is None:
+        noise = torch.randn((batch, head.chunk, head.action_dim), generator=gen)
+    noise = noise.to(model.device, state.hidden.dtype)
+    with timer.stage("prefix"):
+        cache, final = fill_prefix(model, state, timer)
+        need_logits = cfg.reasoning_tokens > 0 or cfg.trajectory == "autoregressive"
+        logits = last_token_logits(model.lm, final) if need_logits else None
+    reasoning = torch.empty((batch, 0), dtype=torch.long, device=model.device)
+    if cfg.reasoning_tokens:
+        with timer.stage("reasoning"):
+            processors = text_processors(forbidden_text_ids(model), cfg.temperature, cfg.top_p, model.device)
+            sampler = gen if cfg.temperature > 0 else None
+            reasoning, logits = generate_text(
+                model.lm, cache, logits, cfg.reasoning_tokens, processors, model.stop_id, model.pad_id, sampler
+            )
+    if cfg.trajectory == "autoregressive":
+        with timer.stage("trajectory"):
+            index = decode_action_bins(model.lm, cache, logits, head.chunk * head.action_dim, cfg.bins)
+            actions = bin_centers(cfg.bins, index.device)[index].reshape(batch, head.chunk, head.action_dim)
+    else:
+        with timer.stage("flow"):
+            actions = head.sample(cache, noise)
+    return ExpertRollout(actions, reasoning, cache)
+
+
+def rollout(
+    model: VLA,
+    images: Any,
+    instructions: Sequence[str] | str,
+    proprio: Any = None,
+    *,
+    noise: torch.Tensor | None = None,
+    seed: int = 0,
+    timer: Any = NULL_TIMER,
+) -> ExpertRollout:
+    """`act` on raw observations, checked as `VLA.predict_action` checks them; for inspecting the
+    reasoning ids (`model.tokenizer.batch_decode`) and the cache besides the normalized actions."""
+    if not model.head.reads_kv_cache:
+        raise ValueError(f"rollout needs a VLA with head.kind='expert', got {model.config.head.kind!r}")
+    images, instructions, proprio = model._check_inputs(images, instructions, proprio)
+    with torch.inference_mode():
+        return act(model, model.encode(images, instructions, proprio, timer), noise, seed, timer)
+
+
+def expert_loss(
+    model: VLA, state: TokenState, actions: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The expert's flow-matching loss for normalized target actions, the prefix cache built with gradients."""
+    cache, _ = fill_prefix(model, state)
+    return model.head.loss(cache, actions, generator)

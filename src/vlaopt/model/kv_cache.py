@@ -1,0 +1,83 @@
+"""The VLM's key/value cache: filled once by our layer loop, grown by text decoding, read by the expert.
+
+Keys and values are kept per attention module (`layer_idx`, the numbering transformers uses) as
+(B, kv_heads, S_l, head_dim) with RoPE already applied at each token's original position, beside a
+key-validity mask (B, S_l). S_l may differ between layers: a token-pruning hook between layers
+leaves the later layers fewer keys, and padding (prompts of different lengths, tokens kept in
+different numbers, samples that stopped decoding) is marked invalid rather than removed.
+
+The cache speaks transformers' cache protocol (`update(key_states, value_states, layer_idx)`), so
+the HF attention modules of our layer loop fill it themselves; `ExpertKV` is a read-only view that
+hands the expert the prefix keys of its paired VLM layer and stores nothing, so flow steps never
+grow the cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer keys, values and key validity of the VLM sequence, plus each sample's next position."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        self.valid: dict[int, torch.Tensor] = {}
+        self.next_position: torch.Tensor | None = None  # (B,) original position of the next token
+        self._incoming: torch.Tensor | None = None
+
+    def expect(self, valid: torch.Tensor) -> None:
+        """Validity (B, S) of the tokens the following `update` calls append (set by the layer loop)."""
+        self._incoming = valid
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' cache protocol: append one layer's new keys/values and return all of them."""
+        incoming = self._incoming
+        shape = (key_states.shape[0], key_states.shape[2])
+        if incoming is None or tuple(incoming.shape) != shape:
+            got = None if incoming is None else tuple(incoming.shape)
+            raise RuntimeError(f"KVCache.update at layer {layer_idx}: validity of shape {shape} expected, got {got}")
+        if layer_idx in self.keys:
+            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
+            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
+            self.valid[layer_idx] = torch.cat([self.valid[layer_idx], incoming], dim=1)
+        else:
+            self.keys[layer_idx], self.values[layer_idx], self.valid[layer_idx] = key_states, value_states, incoming
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.keys)
+
+    def length(self, layer_idx: int) -> int:
+        """Number of cached key slots (valid or not) at one layer."""
+        return self.keys[layer_idx].shape[2]
+
+
+class ExpertKV:
+    """What the expert's attention modules see as their cache: expert layer j reads the prefix of
+    VLM layer `layer_map[j]` followed by the expert tokens' own keys/values; nothing is stored."""
+
+    def __init__(self, cache: KVCache, layer_map: list[int]) -> None:
+        missing = [i for i in layer_map if i not in cache.keys]
+        if missing:
+            raise ValueError(f"the expert reads the KV of VLM attention layers {missing}, but the cache holds {cache.layers}")
+        self.cache = cache
+        self.layer_map = layer_map
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.layer_map[layer_idx]
+        keys = torch.cat([self.cache.keys[src], key_states], dim=2)
+        return keys, torch.cat([self.cache.values[src], value_states], dim=2)
+
+    def mask(self, layer_idx: int, tokens: int) -> torch.Tensor:
+        """Boolean (B, 1, T, S + T) mask of expert layer `layer_idx`: every valid prefix key, and all
+        `tokens` expert tokens of the same sample (bidirectional)."""
+        prefix = self.cache.valid[self.layer_map[layer_idx]]
+        own = prefix.new_ones(prefix.shape[0], tokens)
+        return torch.cat([prefix, own], dim=1)[:, None, None, :].expand(-1, 1, tokens, -1)

@@ -1,0 +1,203 @@
+"""Calibration: real VLA inputs run through our own layer loop, to give data-driven methods the inputs
+each decoder layer actually sees.
+
+Observations are batches `(images uint8 (B, cams, H, W, 3), instructions (B strings), proprio (B, P) or
+None)`. A recipe step names where they come from in `calibration: {samples, source, ...}`:
+`given` (the observations passed as `apply(model, recipe, calibration=...)`), `episodes` (frames drawn
+from a collection written by `vla-opt collect`, at `path`), or `random` (synthetic observations, used
+only when asked for by name). `walk_layers` then steps the encoded token states through the decoder
+one layer at a time, running the model's token-pruning hooks where `LanguageModel.forward` runs them,
+so a method may change layer i before layer i + 1 sees its output (sequential calibration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlaopt.config import VLAConfig
+from vlaopt.model.layout import TokenState
+from vlaopt.optimize.recipe import RecipeStep, make_config
+
+Observation = tuple[Any, Sequence[str], Any]
+SOURCES = ("given", "episodes", "random")
+RANDOM_INSTRUCTIONS = (
+    "pick up the red cup",
+    "open the top drawer",
+    "push the block to the green goal",
+    "press the button on the wall",
+)
+
+
+@dataclass
+class CalibrationConfig:
+    """How many observation samples to calibrate on and where they come from (see the module doc)."""
+
+    samples: int = 32
+    source: str = "given"
+    path: str | None = None  # the episode collection, for source `episodes`
+    batch_size: int = 8  # for sources that batch the samples themselves (episodes, random)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"calibration {name}={value!r} must be a positive integer")
+        if self.source not in SOURCES:
+            raise ValueError(
+                f"calibration source={self.source!r} is not supported; expected one of {', '.join(SOURCES)}"
+            )
+        if (self.source == "episodes") != (self.path is not None):
+            raise ValueError(
+                f"calibration path={self.path!r} with source={self.source!r}: a path is needed for, "
+                "and only for, source 'episodes'"
+            )
+
+
+def random_observations(config: VLAConfig, samples: int, batch_size: int = 8, seed: int = 0) -> list[Observation]:
+    """Synthetic observations for a model with `config`: uniform random images, a few fixed
+    instructions, standard normal proprio; deterministic in `seed`."""
+    rng = np.random.default_rng(seed)
+    size = config.vision.image_size
+    out: list[Observation] = []
+    for start in range(0, samples, batch_size):
+        b = min(batch_size, samples - start)
+        images = rng.integers(0, 256, (b, config.cameras, size, size, 3), dtype=np.uint8)
+        instructions = [RANDOM_INSTRUCTIONS[(start + i) % len(RANDOM_INSTRUCTIONS)] for i in range(b)]
+        proprio = rng.standard_normal((b, config.proprio_dim)).astype(np.float32) if config.proprio_dim else None
+        out.append((images, instructions, proprio))
+    return out
+
+
+def episode_observations(path: str | Path, samples: int, batch_size: int = 8, seed: int = 0) -> list[Observation]:
+    """`samples` frames drawn without replacement (deterministically in `seed`) from the episodes of
+    the collection at `path`, as observation batches of its images, instruction and proprio."""
+    from vlaopt.data.episodes import read_episode, read_index
+
+    root = Path(path)
+    episodes = [read_episode(root / entry["file"]) for entry in read_index(root)["episodes"]]
+    frames = [(e, t) for e in episodes for t in range(e.length)]
+    if len(frames) < samples:
+        raise ValueError(f"calibration asks for {samples} samples but the episodes at {root} hold {len(frames)} frames")
+    picks = np.random.default_rng(seed).choice(len(frames), samples, replace=False)
+    chosen = [frames[i] for i in sorted(picks)]
+    out: list[Observation] = []
+    for start in range(0, samples, batch_size):
+        part = chosen[start : start + batch_size]
+        images = np.stack([e.images[t] for e, t in part])
+        proprio = np.stack([e.proprio[t] for e, t in part])
+        out.append((images, [e.instruction for e, _ in part], proprio))
+    return out
+
+
+def take_samples(observations: Iterable[Observation], samples: int) -> list[Observation]:
+    """The first `samples` samples of `observations` (the last batch cut short if needed)."""
+    out: list[Observation] = []
+    count = 0
+    for i, obs in enumerate(observations):
+        if not isinstance(obs, tuple) or len(obs) != 3:
+            raise ValueError(
+                f"calibration observation {i} is a {type(obs).__name__}; expected a tuple "
+                "(images (B, cams, H, W, 3) uint8, instructions (B strings), proprio (B, P) or None)"
+            )
+        images, instructions, proprio = obs
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        b = min(len(images), samples - count)
+        out.append((images[:b], list(instructions)[:b], None if proprio is None else proprio[:b]))
+        count += b
+        if count == samples:
+            return out
+    raise ValueError(
+        f"calibration asks for {samples} samples but only {count} were given; "
+        f"pass more observations or set calibration: {{samples: {count}}}"
+    )
+
+
+def calibration_observations(
+    cfg: CalibrationConfig, model: Any, given: Iterable[Observation] | None, where: str
+) -> list[Observation]:
+    """The observations a step calibrates on, from the source `cfg` names (`where` names the step in errors)."""
+    if cfg.source == "random":
+        return random_observations(model.config, cfg.samples, cfg.batch_size, cfg.seed)
+    if cfg.source == "episodes":
+        return episode_observations(cfg.path, cfg.samples, cfg.batch_size, cfg.seed)
+    if given is None:
+        raise ValueError(
+            f"{where} needs calibration data: pass observations as apply(model, recipe, calibration=[...]), "
+            "name a collection with calibration: {source: episodes, path: DIR}, or ask for synthetic inputs "
+            "with calibration: {source: random}"
+        )
+    return take_samples(given, cfg.samples)
+
+
+def encode_observations(model: Any, observations: Iterable[Observation]) -> list[TokenState]:
+    """The LM input token state of each observation batch (inputs checked as `predict_action` checks them)."""
+    states = []
+    with torch.no_grad():
+        for images, instructions, proprio in observations:
+            checked = model._check_inputs(images, instructions, proprio)
+            states.append(model.encode(*checked))
+    return states
+
+
+@dataclass
+class LayerInput:
+    """What one decoder layer receives for one calibration batch."""
+
+    state: TokenState  # hidden states entering the layer, with positions and validity
+    mask: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+
+    def run(self, module: nn.Module) -> torch.Tensor:
+        """The output of `module` (a decoder layer) on this input."""
+        return module(
+            self.state.hidden,
+            attention_mask=self.mask,
+            position_ids=self.state.position_ids,
+            position_embeddings=self.rotary,
+        )
+
+
+def walk_layers(lm: Any, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:
+    """Yield `(i, layer, inputs)` for each decoder layer in order, as `LanguageModel.forward` would
+    feed it (token-pruning hooks applied). When the consumer resumes the walk, every input is run
+    through the layer as it is then, so changes made to layer i reach layer i + 1. The list of layers
+    must not change during the walk. The `states` are advanced in place."""
+    decoder = lm.decoder
+    with torch.no_grad():
+        inputs = [
+            LayerInput(s, s.attention_mask(), decoder.rotary_emb(s.hidden, position_ids=s.position_ids)) for s in states
+        ]
+        for i, layer in enumerate(decoder.layers):
+            hooks = [hook for hook in lm.hooks if hook.layer == i]
+            for k, inp in enumerate(inputs):
+                state = inp.state
+                for hook in hooks:
+                    state = hook(state)
+                if hooks:
+                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+                    inputs[k] = LayerInput(state, state.attention_mask(), rotary)
+            yield i, layer, inputs
+            for inp in inputs:
+                inp.state.hidden = inp.run(layer)
+
+
+class CalibratedStep(RecipeStep):
+    """A recipe step that may need calibration data: it reads the observations handed to
+    `apply(model, recipe, calibration=...)` from `self.calibration` (set by `RecipeStep.__init__`)."""
+
+    def observations(
+        self, model: Any, params: dict[str, Any], where: str
+    ) -> tuple[list[Observation], CalibrationConfig]:
+        """The observations named by `params` (a `calibration` mapping) and its resolved config."""
+        cfg = make_config(CalibrationConfig, dict(params), f"{where} calibration")
+        given = self.calibration if cfg.source == "given" else None
+        return calibration_observations(cfg, model, given, where), cfg

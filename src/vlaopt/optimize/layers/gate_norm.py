@@ -1,0 +1,45 @@
+"""Gate-Norm (Saikumar & Varghese, "Data-Free Pruning of Self-Attention Layers in LLMs", 2025): rank
+attention sublayers by their query-key coupling, from the weights alone (no data, no forward pass).
+
+For query head h and the key head g(h) it shares under grouped-query attention, the coupling is the
+bilinear form W_q,h^T W_k,g(h) (D x D); its Frobenius norm is computed through head_dim x head_dim
+Gram matrices, ||A^T B||_F^2 = tr(A A^T B B^T). A layer's score is the mean over its query heads.
+Where the family normalizes queries and keys per head (Qwen3's q_norm / k_norm), their weights
+scale the rows of W_q and W_k first.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlaopt.model.layout import TokenState
+from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod
+from vlaopt.optimize.quant.int8 import float_weight
+
+
+def coupling_norms(attention: nn.Module) -> torch.Tensor:
+    """Frobenius norm of W_q,h^T W_k,g(h) for every query head h of an HF attention module."""
+    config = attention.config
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attention.head_dim
+    wq = float_weight(attention.q_proj).double().reshape(heads, head_dim, -1)
+    wk = float_weight(attention.k_proj).double().reshape(kv_heads, head_dim, -1)
+    if hasattr(attention, "q_norm"):
+        wq = wq * attention.q_norm.weight.double()[None, :, None]
+        wk = wk * attention.k_norm.weight.double()[None, :, None]
+    wk = wk.repeat_interleave(heads // kv_heads, dim=0)  # key head of each query head
+    gram_q = wq @ wq.transpose(1, 2)
+    gram_k = wk @ wk.transpose(1, 2)
+    return (gram_q * gram_k).sum((1, 2)).clamp(min=0).sqrt()  # tr(A B) = sum(A * B^T), both symmetric
+
+
+@LAYER_METHODS.register("gate_norm")
+class GateNorm(AttentionMethod):
+    needs_data = False
+
+    def scores(self, model: Any, states: list[TokenState] | None) -> dict[int, float]:
+        layers = model.lm.decoder.layers
+        with torch.no_grad():
+            return {i: float(coupling_norms(layers[i].self_attn).mean()) for i in self.candidates(model)}

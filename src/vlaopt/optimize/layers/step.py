@@ -1,0 +1,77 @@
+"""The `layer_pruning` recipe step: `- layer_pruning: {method: shortgpt, n: 2, calibration: {samples: 64}}`.
+
+The resolved step records the decoder-layer indices it removed (`removed`, in the numbering the
+model had when the step ran) and the score of every layer (`scores`, None where a layer was not a
+candidate), so `rebuild` re-creates the same structure on a fresh model without data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlaopt.optimize.calibration import CalibratedStep, encode_observations
+from vlaopt.optimize.layers.base import LAYER_METHODS
+from vlaopt.optimize.recipe import STEPS, make_config
+
+
+@dataclass
+class LayerPruningConfig:
+    """How many units (blocks or attention sublayers, by method) to remove, and the calibration."""
+
+    n: int = 1
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"layer_pruning n={self.n!r} must be a positive integer")
+
+
+def _method(params: dict[str, Any]) -> tuple[str, Any]:
+    if "method" not in params:
+        raise ValueError(f"layer_pruning needs a method; expected one of {', '.join(LAYER_METHODS.names())}")
+    name = params.pop("method")
+    return name, LAYER_METHODS.get(name)()
+
+
+@STEPS.register("layer_pruning")
+class LayerPruningStep(CalibratedStep):
+    """Remove the n least important decoder blocks or attention sublayers of the LM."""
+
+    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+        params = dict(params)
+        name, method = _method(params)
+        where = f"layer_pruning ({name})"
+        cfg = make_config(LayerPruningConfig, params, where)
+        candidates = method.candidates(model)
+        if cfg.n >= len(candidates):
+            raise ValueError(
+                f"{where}: n={cfg.n} must be below the {len(candidates)} removable units; keep at least one"
+            )
+        resolved: dict[str, Any] = {"method": name, "n": cfg.n}
+        states = None
+        if method.needs_data:
+            observations, calibration = self.observations(model, cfg.calibration, where)
+            states = encode_observations(model, observations)
+            resolved["calibration"] = dataclasses.asdict(calibration)
+        elif cfg.calibration:
+            raise ValueError(f"{where} uses no data; remove its calibration {cfg.calibration!r}")
+        scores = method.scores(model, states)
+        removed = sorted(sorted(scores, key=lambda i: (scores[i], i))[: cfg.n])
+        layers = len(model.lm.decoder.layers)
+        resolved["scores"] = [scores.get(i) for i in range(layers)]
+        resolved["removed"] = removed
+        method.remove(model, removed)
+        return resolved
+
+    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+        params = dict(resolved)
+        name, method = _method(params)
+        removed = params.get("removed")
+        if not isinstance(removed, list) or len(removed) != params.get("n"):
+            raise ValueError(
+                f"recorded layer_pruning ({name}) has removed={removed!r}; expected a list of n={params.get('n')!r} "
+                "layer indices"
+            )
+        method.remove(model, removed)

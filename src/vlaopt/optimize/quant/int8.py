@@ -1,0 +1,99 @@
+"""Int8 linear layers: symmetric per-output-channel int8 weights, kept as plain tensors (so they save
+as safetensors), computed two ways.
+
+- dynamic (default, CPU): activations are quantized on the fly (per tensor, 8 bits with a zero point)
+  and the product runs in int8 through torch's x86 quantized engine (`torch.ops.quantized.linear_dynamic`,
+  fbgemm / oneDNN). Of the CPU int8 paths measured here it was the fastest (docs/compression.md). The
+  prepacked weight is a cache, rebuilt when the weight, scale or bias tensors change (their version
+  counters), e.g. after loading a checkpoint.
+- weight-only (`weight_only=True`, any device): the weight is stored in int8 and dequantized to the
+  activations' dtype for each product; it saves weight memory, not time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlaopt.optimize.weights.targets import replace_module
+
+
+class Int8Linear(nn.Module):
+    """A linear layer with int8 weights (`weight`, int8 (out, in)) and per-row scales (`scale`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_only: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.weight_only = in_features, out_features, weight_only
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(out_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self._packed: tuple[tuple[tuple[int, int], ...], torch.ScriptObject] | None = None  # (key, packed)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_only: bool) -> Int8Linear:
+        """Quantize a float linear layer (round to nearest, scale = row max |w| / 127)."""
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors, whose version counter `_prepacked` reads
+            w = linear.weight.detach().float()
+            module = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_only).to(w.device)
+            scale = w.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            module.weight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+            module.scale.copy_(scale)
+            if linear.bias is not None:
+                module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight the int8 weight stands for."""
+        return self.weight.float() * self.scale[:, None]
+
+    def _prepacked(self) -> torch.ScriptObject:
+        tensors = [self.weight, self.scale] + ([] if self.bias is None else [self.bias])
+        key = tuple((t._version, t.data_ptr()) for t in tensors)
+        if self._packed is None or self._packed[0] != key:
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            bias = None if self.bias is None else self.bias.detach().float()
+            with warnings.catch_warnings():  # torch marks its quantized tensors deprecated (pytorch#184982)
+                warnings.simplefilter("ignore")
+                qweight = torch._make_per_channel_quantized_tensor(self.weight, self.scale.double(), zero, 0)
+                self._packed = (key, torch.ops.quantized.linear_prepack(qweight, bias))
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_only:
+            w = self.weight.to(x.dtype) * self.scale.to(x.dtype)[:, None]
+            return F.linear(x, w, self.bias)
+        if x.device.type != "cpu":
+            raise RuntimeError(
+                f"dynamic int8 runs on CPU only, but the input is on {x.device}; quantize with weight_only: true for GPUs"
+            )
+        return torch.ops.quantized.linear_dynamic(x.float(), self._prepacked()).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        mode = "weight_only" if self.weight_only else "dynamic"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+
+def float_weight(module: nn.Module) -> torch.Tensor:
+    """The float weight of a linear layer, dequantized if it is an `Int8Linear`."""
+    return module.dequantized() if isinstance(module, Int8Linear) else module.weight
+
+
+def quantize_int8(model: nn.Module, names: list[str], weight_only: bool) -> None:
+    """Replace the `nn.Linear` modules called `names` by `Int8Linear` quantizations of them."""
+    for name in names:
+        replace_module(model, name, Int8Linear.from_linear(model.get_submodule(name), weight_only))
+
+
+def empty_int8(model: nn.Module, names: list[str], weight_only: bool) -> None:
+    """Replace the `nn.Linear` modules called `names` by `Int8Linear` modules of the same shape, to be
+    filled by loading saved weights."""
+    for name in names:
+        linear = model.get_submodule(name)
+        with torch.inference_mode(False):
+            module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, weight_only)
+            if linear.bias is not None:
+                module.bias.data = torch.zeros(linear.out_features, dtype=linear.bias.dtype)
+        replace_module(model, name, module.to(linear.weight.device))

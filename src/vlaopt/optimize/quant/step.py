@@ -1,0 +1,57 @@
+"""The `quantize` recipe step: `- quantize: {method: int8}` (dynamic int8, CPU) or
+`- quantize: {method: int8, weight_only: true}` (int8 weights, any device).
+
+`rebuild` puts empty `Int8Linear` modules where the step put quantized ones, so the saved int8
+weights and scales load into them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from vlaopt.optimize.quant.int8 import empty_int8, quantize_int8
+from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
+from vlaopt.optimize.weights.targets import DEFAULT_TARGETS, select_modules
+
+METHODS = ("int8",)
+
+
+@dataclass
+class Int8Config:
+    """Which linear layers to quantize (name patterns) and whether activations stay in float."""
+
+    weight_only: bool = False
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    ignore: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weight_only, bool):
+            raise TypeError(f"quantize weight_only={self.weight_only!r} must be true or false")
+
+
+def _config(params: dict[str, Any]) -> tuple[str, Int8Config]:
+    params = dict(params)
+    method = params.pop("method", None)
+    if method not in METHODS:
+        raise ValueError(f"quantize method={method!r} is not supported; expected one of {', '.join(METHODS)}")
+    return method, make_config(Int8Config, params, f"quantize ({method})")
+
+
+@STEPS.register("quantize")
+class QuantizeStep(RecipeStep):
+    """Replace the targeted linear layers of the model by int8 ones."""
+
+    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+        method, cfg = _config(params)
+        names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
+        quantize_int8(model, names, cfg.weight_only)
+        return {"method": method, **dataclasses.asdict(cfg)}
+
+    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+        method, cfg = _config(resolved)
+        names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
+        empty_int8(model, names, cfg.weight_only)

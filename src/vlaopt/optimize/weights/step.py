@@ -1,0 +1,50 @@
+"""The `weight_pruning` recipe step: `- weight_pruning: {method: wanda, sparsity: 0.5}` or
+`{method: sparsegpt, pattern: "2:4", calibration: {samples: 64}}`; `targets` / `ignore` choose the
+linear layers by name pattern (default: the LM's decoder layers). Weights are zeroed in place, so
+`rebuild` has nothing to re-create."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from vlaopt.optimize.calibration import CalibratedStep, encode_observations
+from vlaopt.optimize.recipe import STEPS, make_config
+from vlaopt.optimize.weights.base import WEIGHT_PRUNERS
+from vlaopt.optimize.weights.prune import prune_model
+from vlaopt.optimize.weights.targets import select_modules
+
+
+def _method(params: dict[str, Any]) -> str:
+    if "method" not in params:
+        raise ValueError(f"weight_pruning needs a method; expected one of {', '.join(WEIGHT_PRUNERS.names())}")
+    return params.pop("method")
+
+
+@STEPS.register("weight_pruning")
+class WeightPruningStep(CalibratedStep):
+    """Zero the least important weights of the targeted linear layers."""
+
+    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+        params = dict(params)
+        name = _method(params)
+        cls = WEIGHT_PRUNERS.get(name)
+        where = f"weight_pruning ({name})"
+        calibration_params = params.pop("calibration", None)
+        cfg = make_config(cls.config_cls, params, where)
+        targets = select_modules(model, cfg.targets, cfg.ignore, nn.Linear, where)
+        resolved: dict[str, Any] = {"method": name, **dataclasses.asdict(cfg)}
+        states = None
+        if cls.stats_cls is not None:
+            observations, calibration = self.observations(model, calibration_params or {}, where)
+            states = encode_observations(model, observations)
+            resolved["calibration"] = dataclasses.asdict(calibration)
+        elif calibration_params is not None:
+            raise ValueError(f"{where} uses no data; remove its calibration {calibration_params!r}")
+        prune_model(model, cls(cfg), targets, states)
+        return resolved
+
+    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+        WEIGHT_PRUNERS.get(_method(dict(resolved)))

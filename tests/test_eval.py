@@ -1,0 +1,119 @@
+"""Closed-loop evaluation (needs MetaWorld and EGL), the open-loop action error, the bundled policy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vlaopt import VLA, VLAConfig
+from vlaopt.cli import main
+from vlaopt.data.collect import collect, episode_seed
+from vlaopt.data.dataset import EpisodeDataset
+from vlaopt.eval.closed_loop import EvalConfig, evaluate, wilson_interval
+from vlaopt.eval.open_loop import open_loop_error
+from vlaopt.eval.rollout import RolloutConfig, env_cameras, eval_seed, run_episode
+from vlaopt.model.vla import DEFAULT_MODEL_DIR
+from vlaopt.sim.env import SimEnv
+
+STATS = {"action": {"q01": [-1.0] * 4, "q99": [1.0] * 4}, "proprio": {"q01": [-0.5, 0.3, 0.0, 0.0],
+                                                                       "q99": [0.5, 0.9, 0.3, 1.0]}}
+
+
+def _sim_model(seed: int = 0, image_size: int = 32) -> VLA:
+    """A tiny untrained model that fits the env: two cameras, 4-d proprio and actions."""
+    cfg = VLAConfig.tiny(cameras=2, proprio_dim=4, action_dim=4, image_size=image_size, chunk=4, seed=seed)
+    model = VLA(cfg).eval()
+    model.set_stats(STATS)
+    return model
+
+
+def test_bundled_policy_runs_a_closed_loop_episode(tmp_path: Path) -> None:
+    """`--model default` names the packaged policy; one short episode, in this process, with --json."""
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").is_file()
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", "default", "--tasks", "drawer-close-v3", "--episodes", "1", "--workers", "0",
+                 "--max-steps", "12", "--execute", "4", "--seed", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["seed"] == 3 and report["settings"]["execute"] == 4
+    assert report["settings"]["tasks"] == ["drawer-close-v3"] and report["settings"]["image_size"] == 64
+    (episode,) = report["episodes"]
+    assert episode["seed"] == eval_seed(3, "drawer-close-v3", 0) and 1 <= episode["steps"] <= 12
+    task = report["tasks"]["drawer-close-v3"]
+    assert task["episodes"] == 1 and task["successes"] == int(episode["success"])
+    assert report["overall"]["success_rate"] == task["success_rate"] and len(task["ci95"]) == 2
+    assert VLA.default().config.to_dict() == VLA.from_pretrained(DEFAULT_MODEL_DIR).config.to_dict()
+
+
+def test_wilson_interval_known_values() -> None:
+    # statsmodels.stats.proportion.proportion_confint(k, n, method="wilson")
+    for (k, n), expected in {(8, 10): (0.490162, 0.943318), (5, 10): (0.236593, 0.763407),
+                             (0, 10): (0.0, 0.277533), (10, 10): (0.722467, 1.0)}.items():
+        assert wilson_interval(k, n) == pytest.approx(expected, abs=1e-6)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    with pytest.raises(ValueError, match=r"successes=3 must lie in \[0, trials=2\]"):
+        wilson_interval(3, 2)
+
+
+def test_two_models_start_from_identical_states() -> None:
+    """Episode seeds depend on (base seed, task, episode) only, so different models see the same starts."""
+    seed = eval_seed(0, "push-v3", 1)
+    assert seed != eval_seed(1, "push-v3", 1) and seed != eval_seed(0, "push-v3", 2) != eval_seed(0, "reach-v3", 2)
+    assert seed != episode_seed(0, "push-v3", 1)  # evaluation states are not the collection's training states
+    starts = []
+    for model_seed in (0, 1):
+        with SimEnv("push-v3", 7, env_cameras(_sim_model().config), 32, max_steps=2) as env:
+            result = run_episode(_sim_model(model_seed), env, 1, seed, RolloutConfig(record=True, max_steps=2))
+        assert result.seed == seed and result.steps == 2 and result.frames.shape == (3, 32, 64, 3)
+        starts.append(result.frames)
+    np.testing.assert_array_equal(starts[0][0], starts[1][0])  # same initial images
+    assert not np.array_equal(starts[0][-1], starts[1][-1])  # the two models then act differently
+
+
+def test_parallel_workers_match_in_process_run(tmp_path: Path) -> None:
+    model = _sim_model()
+    cfg = {"episodes": 2, "max_steps": 6, "execute": 2, "seed": 5}
+    inline = evaluate(model, ["reach-v3", "window-close-v3"], EvalConfig(workers=0, **cfg), progress=False)
+    spawned = evaluate(model, ["reach-v3", "window-close-v3"], EvalConfig(workers=1, **cfg), progress=False)
+    assert inline.episodes == spawned.episodes and len(inline.episodes) == 4
+    assert inline.overall.episodes == 4 and list(inline.tasks) == ["reach-v3", "window-close-v3"]
+
+
+def test_bad_requests_are_explained() -> None:
+    model = _sim_model()
+    with pytest.raises(ValueError, match=r"unknown task 'reach-v9'"):
+        evaluate(model, ["reach-v9"], EvalConfig(episodes=1, workers=0), progress=False)
+    with pytest.raises(ValueError, match=r"takes 2 camera image\(s\) but the env renders 1: \['topview'\]"):
+        env_cameras(model.config, ["topview"])
+    one_camera = VLAConfig.tiny(cameras=1, proprio_dim=4, action_dim=4)
+    with pytest.raises(ValueError, match=r"takes 1 camera image\(s\) but the env renders 2.*--cameras"):
+        env_cameras(one_camera)
+    with pytest.raises(ValueError, match=r"action_dim=7, MetaWorld actions have 4"):
+        env_cameras(VLAConfig.tiny(cameras=2))
+    with pytest.raises(ValueError, match=r"execute=5 exceeds the model's chunk of 4 actions"):
+        evaluate(model, ["reach-v3"], EvalConfig(episodes=1, workers=0, execute=5), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_collection(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("episodes")
+    collect(["reach-v3"], 2, out, workers=0, image_size=32, max_steps=80, progress=False)
+    return out
+
+
+def test_open_loop_error_on_held_out_episodes(tiny_collection: Path) -> None:
+    model = _sim_model()
+    result = open_loop_error(model, tiny_collection, val_fraction=0.5, batch_size=16)
+    val = EpisodeDataset(tiny_collection, "val", chunk=4, val_fraction=0.5)
+    assert result.samples == len(val) and list(result.per_task) == ["reach-v3"]
+    with torch.inference_mode():
+        expected = np.mean([
+            (model.predict_action(s["images"][None], [s["instruction"]], s["proprio"][None])[0] - s["actions"]).abs().mean()
+            for s in (val[i] for i in range(len(val)))
+        ])
+    assert result.l1 == pytest.approx(expected, rel=1e-5) == pytest.approx(np.mean(result.per_dim), rel=1e-5)
+    with pytest.raises(ValueError, match=r"holds 2 camera\(s\) of 32 px .* takes 2 camera\(s\) of 64 px"):
+        open_loop_error(_sim_model(image_size=64), tiny_collection, val_fraction=0.5)

@@ -1,0 +1,158 @@
+"""Weight pruning (`weight_pruning`): magnitude, wanda, sparsegpt; unstructured and N:M masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import observations
+
+from vlaopt import VLA, VLAConfig, apply
+from vlaopt.optimize.calibration import encode_observations, walk_layers
+from vlaopt.optimize.weights.base import WEIGHT_PRUNERS, ColumnNorms, Hessian
+from vlaopt.optimize.weights.masks import parse_pattern, zeros_per_group
+from vlaopt.optimize.weights.prune import collect_stats
+from vlaopt.optimize.weights.semi_structured import to_semi_structured
+
+METHODS = ["magnitude", "wanda", "sparsegpt"]
+RANDOM = {"source": "random", "samples": 4}
+
+
+def _model(lm: str = "llama") -> VLA:
+    return VLA(VLAConfig.tiny(lm=lm, cameras=2, proprio_dim=3)).eval()
+
+
+def _step(method: str, **params) -> dict:
+    if method != "magnitude":
+        params["calibration"] = RANDOM
+    return {"weight_pruning": {"method": method, **params}}
+
+
+def _lm_linears(model: VLA) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.lm.decoder.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _layer_inputs(model: VLA, observation_batches: list, index: int):
+    for i, layer, inputs in walk_layers(model.lm, encode_observations(model, observation_batches)):
+        if i == index:
+            return layer, inputs
+    raise AssertionError(f"no layer {index}")
+
+
+@pytest.mark.parametrize("sparsity", [{"sparsity": 0.5}, {"pattern": "2:4"}])
+def test_reconstruction_error_orders_sparsegpt_below_wanda_below_magnitude(sparsity):
+    """On the VLA's own inputs to decoder layer 1 (calibration frames, then held-out frames), the
+    output error sum ||(W - W') X||^2 of the layer's linears at one sparsity is ordered
+    SparseGPT < Wanda < magnitude."""
+    model = _model()
+    cfg = model.config
+    layer, calib = _layer_inputs(model, [observations(cfg, 4, seed=s) for s in range(4)], 1)
+    _, held = _layer_inputs(model, [observations(cfg, 4, seed=100 + s) for s in range(2)], 1)
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    stats = {
+        "wanda": collect_stats(calib, layer, linears, ColumnNorms),
+        "sparsegpt": collect_stats(calib, layer, linears, Hessian),
+    }
+    held_h = collect_stats(held, layer, linears, Hessian)
+    calib_h = stats["sparsegpt"]
+    errors = {}
+    for method in METHODS:
+        cls = WEIGHT_PRUNERS.get(method)
+        pruner = cls(cls.config_cls(**sparsity))
+        err_calib = err_held = 0.0
+        for name, linear in linears.items():
+            w = linear.weight.detach().float()
+            delta = w - pruner.prune(w, stats[method][name] if method in stats else None)
+            assert (delta != 0).any()
+            err_calib += torch.trace(delta @ calib_h[name].matrix() @ delta.T).item()
+            err_held += torch.trace(delta @ held_h[name].matrix() @ delta.T).item()
+        errors[method] = (err_calib, err_held)
+    for k in range(2):
+        assert errors["sparsegpt"][k] < errors["wanda"][k] < errors["magnitude"][k], errors
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_four_masks_keep_exactly_two_of_every_four(method):
+    model = _model("qwen2")
+    embed = model.lm.decoder.embed_tokens.weight.clone()
+    apply(model, [_step(method, pattern="2:4")])
+    for name, linear in _lm_linears(model).items():
+        zeros = zeros_per_group(linear.weight, 4)
+        assert (zeros == 2).all(), f"{name}: groups with {zeros.unique().tolist()} zeros"
+    assert torch.equal(model.lm.decoder.embed_tokens.weight, embed)  # not a target
+    assert torch.isfinite(model.predict_action(*observations(model.config))).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unstructured_sparsity_is_what_was_asked(method):
+    model = _model("qwen3")
+    apply(model, [_step(method, sparsity=0.6)])
+    for name, linear in _lm_linears(model).items():
+        w = linear.weight
+        if method == "wanda":  # per output row
+            assert ((w == 0).sum(1) == round(0.6 * w.shape[1])).all(), name
+        else:  # magnitude over the matrix, sparsegpt over each block of columns
+            assert (w == 0).float().mean().item() == pytest.approx(0.6, abs=0.01), name
+
+
+def test_targets_and_ignore_choose_the_layers(tmp_path):
+    model = _model("qwen2")
+    before = {n: m.weight.clone() for n, m in _lm_linears(model).items()}
+    apply(model, [_step("wanda", sparsity=0.5, targets=["lm.causal_lm.model.layers.1.*"], ignore=["*.mlp.*"])])
+    for name, linear in _lm_linears(model).items():
+        pruned = name.startswith("1.") and ".mlp." not in name
+        assert ((linear.weight == 0).float().mean() == 0.5) if pruned else torch.equal(linear.weight, before[name]), (
+            name
+        )
+    images, instructions, proprio = observations(model.config)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VLA.from_pretrained(tmp_path / "m")
+    assert torch.equal(
+        loaded.predict_action(images, instructions, proprio), model.predict_action(images, instructions, proprio)
+    )
+    assert loaded.config.recipe == model.config.recipe
+
+
+def test_sparsegpt_calibrates_on_the_observations_given_to_apply():
+    given = [observations(_model().config, 4, seed=s) for s in range(2)]
+    a, b = _model(), _model()
+    apply(
+        a,
+        [{"weight_pruning": {"method": "sparsegpt", "sparsity": 0.5, "calibration": {"samples": 8}}}],
+        calibration=given,
+    )
+    apply(b, [{"weight_pruning": {"method": "sparsegpt", "sparsity": 0.5, "calibration": RANDOM}}])
+    assert a.config.recipe[0]["weight_pruning"]["calibration"]["source"] == "given"
+    q = "lm.causal_lm.model.layers.0.self_attn.q_proj"
+    assert not torch.equal(a.get_submodule(q).weight, b.get_submodule(q).weight)  # the data mattered
+
+
+def test_weight_pruning_errors_name_the_problem():
+    model = _model()
+    with pytest.raises(ValueError, match=r"pattern '4:2' is not valid; expected 'N:M' with 0 < N < M"):
+        apply(model, [_step("magnitude", pattern="4:2")])
+    with pytest.raises(ValueError, match="give one of them"):
+        apply(model, [_step("magnitude", pattern="2:4", sparsity=0.5)])
+    with pytest.raises(ValueError, match=r"sparsity=1.5 must be a fraction in \(0, 1\)"):
+        apply(model, [_step("wanda", sparsity=1.5)])
+    with pytest.raises(ValueError, match="target 'lm.layers.*' matches no Linear module"):
+        apply(model, [_step("magnitude", targets=["lm.layers.*"])])
+    with pytest.raises(ValueError, match="is not inside a decoder layer"):
+        apply(model, [_step("wanda", targets=["projector.*"])])
+    with pytest.raises(ValueError, match=r"\(magnitude\) uses no data"):
+        apply(model, [{"weight_pruning": {"method": "magnitude", "calibration": RANDOM}}])
+    assert parse_pattern("2:4") == (2, 4)
+    assert model.config.recipe == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse kernels need CUDA")
+def test_two_four_weights_run_on_sparse_kernels_on_cuda():
+    linear = torch.nn.Linear(256, 128, bias=False).half().cuda()
+    pruner = WEIGHT_PRUNERS.get("magnitude")(WEIGHT_PRUNERS.get("magnitude").config_cls(pattern="2:4"))
+    with torch.no_grad():
+        linear.weight.copy_(pruner.prune(linear.weight.float(), None).half())
+    model = torch.nn.Sequential(linear)
+    x = torch.randn(64, 256, dtype=torch.half, device="cuda")
+    dense = model(x)
+    assert to_semi_structured(model, targets=["0"]) == ["0"]
+    assert type(linear.weight).__name__.startswith("SparseSemiStructuredTensor")
+    torch.testing.assert_close(model(x), dense, atol=2e-2, rtol=2e-2)
