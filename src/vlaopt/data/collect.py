@@ -25,6 +25,7 @@ from vlaopt.data.episodes import Episode, write_episode, write_index
 from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.expert import ScriptedExpert
 from vlaopt.sim.tasks import instruction
+from vlaopt.utils.seeds import derive_seed
 
 POST_SUCCESS_STEPS = 5
 """Steps recorded after the first success: the policy also sees how the motion settles at the goal."""
@@ -65,8 +66,7 @@ class CollectSettings:
 
 def episode_seed(seed: int, task: str, attempt: int) -> int:
     """The env seed of attempt `attempt` at `task` in a collection seeded with `seed`; stable everywhere."""
-    task_key = int.from_bytes(task.encode(), "little")  # SeedSequence takes arbitrarily large ints
-    return int(np.random.SeedSequence([seed, task_key, attempt]).generate_state(1)[0])
+    return derive_seed(seed, task, attempt)
 
 
 def record_episode(env: SimEnv, expert: ScriptedExpert, seed: int, post_success_steps: int) -> Episode:

@@ -21,6 +21,7 @@ from vlaopt.sim.env import (
     PROPRIO_DIM,
     SimEnv,
 )
+from vlaopt.utils.seeds import derive_seed
 
 EVAL_DOMAIN = 0x6576616C  # "eval": keeps evaluation states apart from the collection states of the same seed
 
@@ -29,8 +30,7 @@ def eval_seed(seed: int, task: str, episode: int) -> int:
     """The env seed of evaluation episode `episode` of `task` under base seed `seed`; stable everywhere."""
     if seed < 0 or episode < 0:
         raise ValueError(f"seed and episode must be >= 0, got seed={seed}, episode={episode}")
-    task_key = int.from_bytes(task.encode(), "little")
-    return int(np.random.SeedSequence([EVAL_DOMAIN, seed, task_key, episode]).generate_state(1)[0])
+    return derive_seed(EVAL_DOMAIN, seed, task, episode)
 
 
 def env_cameras(config: VLAConfig, cameras: Sequence[str] | None = None) -> tuple[str, ...]:
