@@ -197,7 +197,7 @@ def semi_structured_section(models: dict[str, VLA], obs: tuple, repeats: int, wa
         images, instructions, proprio = obs
         batch_obs = (np.repeat(images, batch, 0), list(instructions) * batch, np.repeat(proprio, batch, 0))
         base = models["baseline"]
-        state = base.encode(*base._check_inputs(*batch_obs))
+        state = base.lm_input(*batch_obs)
         state.hidden = state.hidden.to(torch.bfloat16)
         lms = {"dense": copy.deepcopy(base.lm).to(torch.bfloat16)}
         for name in (n for n in models if n.endswith("2:4")):
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in rows.items():
         row.update(timings[name])
 
-    tokens = models["baseline"].encode(*models["baseline"]._check_inputs(*timing_obs)).hidden.shape[1]
+    tokens = models["baseline"].lm_input(*timing_obs).hidden.shape[1]
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -51,7 +51,7 @@ def bench_model(hidden: int, layers: int, batch: int) -> tuple[VLA, object]:
     proprio = torch.from_numpy(rng.standard_normal((batch, 8)).astype(np.float32))
     instructions = ["put the bowl on the plate and push the block to the goal"] * batch
     with torch.inference_mode():
-        state = model.encode(*model._check_inputs(images, instructions, proprio))
+        state = model.lm_input(images, instructions, proprio)
     return model, state
 
 

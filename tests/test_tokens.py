@@ -50,8 +50,7 @@ def test_pruned_batch_equals_each_sample_pruned_alone(lm, step):
 
 def _encoded(model: VLA):
     images, instructions, proprio = observations(model.config)
-    images, instructions, proprio = model._check_inputs(images, instructions, proprio)
-    return model.encode(images, instructions, proprio)
+    return model.lm_input(images, instructions, proprio)
 
 
 @pytest.mark.parametrize("method,keep", [("fastv", 0.25), ("divprune", 0.4), ("random", 0.1), ("pooling", 0.25)])

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-import numpy as np
 import torch
 from rich.progress import track
 
 from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import matmul_throughput
 from vlaopt.bench.stages import summarize, time_once
-from vlaopt.optimize import apply
+from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
 
 STAGES = ("inputs", "vision", "projector", "lm", "head")
@@ -61,12 +60,10 @@ class Observations:
 
 
 def random_observations(config: Any, n: int, seed: int = 0) -> Observations:
-    """Synthetic inputs of the right shapes (timing only: no demonstrated actions)."""
-    rng = np.random.default_rng(seed)
-    size = config.vision.image_size
-    images = torch.from_numpy(rng.integers(0, 256, (n, config.cameras, size, size, 3), dtype=np.uint8))
-    proprio = torch.from_numpy(rng.standard_normal((n, config.proprio_dim)).astype(np.float32)) if config.proprio_dim else None
-    return Observations(images, ["push the block to the goal"] * n, proprio)
+    """Synthetic inputs of the right shapes (timing only: no demonstrated actions), one batch of `n`."""
+    images, instructions, proprio = calibration.random_observations(config, n, batch_size=n, seed=seed)[0]
+    return Observations(torch.from_numpy(images), list(instructions),
+                        None if proprio is None else torch.from_numpy(proprio))
 
 
 def _predict_all(model: Any, obs: Observations, batch: int = 16) -> torch.Tensor:
@@ -78,7 +75,7 @@ def _predict_all(model: Any, obs: Observations, batch: int = 16) -> torch.Tensor
 def _visual_tokens(model: Any, obs: Observations) -> tuple[int, float]:
     """Visual tokens entering the LM and (mean over the batch) leaving its last layer."""
     with torch.inference_mode():
-        state = model.encode(*model._check_inputs(obs.images, obs.instructions, obs.proprio))
+        state = model.lm_input(obs.images, obs.instructions, obs.proprio)
         out = model.lm(state)
     kept = out.valid[:, out.layout.span("visual")].sum(1).float().mean().item()
     return state.layout.visual, kept

@@ -202,6 +202,10 @@ class VLA(nn.Module):
             valid[i, : len(x)] = True
         return out.to(self.device), valid.to(self.device)
 
+    def lm_input(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None) -> TokenState:
+        """The LM input token state for raw observations, checked as `predict_action` checks them."""
+        return self.encode(*self._check_inputs(images, instructions, proprio))
+
     def encode(
         self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor | None, timer: Any = NULL_TIMER
     ) -> TokenState:

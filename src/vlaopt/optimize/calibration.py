@@ -143,8 +143,7 @@ def encode_observations(model: Any, observations: Iterable[Observation]) -> list
     states = []
     with torch.no_grad():
         for images, instructions, proprio in observations:
-            checked = model._check_inputs(images, instructions, proprio)
-            states.append(model.encode(*checked))
+            states.append(model.lm_input(images, instructions, proprio))
     return states
 
 
