@@ -11,14 +11,17 @@ from conftest import observations
 
 from vlaopt import VLA, VLAConfig, apply
 from vlaopt.bench.flops import FlopRecorder, analytic_lm_flops
-from vlaopt.bench.harness import STAGES
+from vlaopt.bench.harness import STAGES, BenchConfig, random_observations, run_bench
 from vlaopt.bench.plots import pareto_front
-from vlaopt.bench.report import COLUMNS, TERMINAL, cell
+from vlaopt.bench.recipes import DEFAULT_RECIPES, recipes_from_files
+from vlaopt.bench.report import COLUMNS, TERMINAL, cell, to_markdown
 from vlaopt.bench.stages import time_once
 from vlaopt.cli import main
+from vlaopt.eval.closed_loop import EvalConfig, evaluate
+from vlaopt.optimize import load_recipe
 
 
-@pytest.mark.parametrize("head", ["l1", "flow"])
+@pytest.mark.parametrize("head", ["l1", "flow", "expert"])
 def test_stage_times_add_up_to_the_end_to_end_time(head):
     cfg = VLAConfig.tiny(head=head, cameras=2, proprio_dim=3, image_size=64)
     model = apply(VLA(cfg).eval(), [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}])
@@ -26,9 +29,10 @@ def test_stage_times_add_up_to_the_end_to_end_time(head):
     for _ in range(3):
         time_once(model, images, instructions, proprio)
     runs = [time_once(model, images, instructions, proprio) for _ in range(15)]
-    parts = statistics.median(sum(r[s] for s in STAGES) for r in runs)
+    parts = statistics.median(sum(r.get(s, 0.0) for s in STAGES) for r in runs)
     total = statistics.median(r["total"] for r in runs)
-    assert set(STAGES) | {"lm.prune", "total"} == set(runs[0])
+    stages = ("prefix", "flow") if head == "expert" else ("lm", "head")
+    assert {"inputs", "vision", "projector", *stages, "lm.prune", "total"} == set(runs[0])
     assert abs(parts - total) <= 0.10 * total
 
 
@@ -94,3 +98,67 @@ def test_bench_recipe_files_are_named_by_stem(tmp_path):
     assert [r["recipe"] for r in rows] == ["baseline", "half"]
     assert rows[1]["steps"] == [{"token_pruning": {"method": "random", "keep": 0.5}}]
     assert torch.isfinite(torch.tensor(rows[1]["ms"]["total"]))
+
+
+def test_a_recipe_set_file_names_its_recipes_and_bad_entries_are_named(tmp_path):
+    (tmp_path / "set.yaml").write_text("half: [{token_pruning: {method: random, keep: 0.5}}]\n"
+                                       "quarter: [{token_pruning: {method: pooling, keep: 0.25}}]\n")
+    recipes = recipes_from_files([str(tmp_path / "set.yaml")])
+    assert list(recipes) == ["baseline", "half", "quarter"]
+    assert recipes["quarter"] == [{"token_pruning": {"method": "pooling", "keep": 0.25}}]
+    (tmp_path / "bad.yaml").write_text("half: {token_pruning: {method: random}}\n")
+    with pytest.raises(ValueError, match=r"recipe 'half' in .*bad.yaml is \{'token_pruning'.*expected a list"):
+        recipes_from_files([str(tmp_path / "bad.yaml")])
+    with pytest.raises(ValueError, match="two recipes are named 'half'"):
+        recipes_from_files([str(tmp_path / "set.yaml"), str(tmp_path / "set.yaml")])
+
+
+def test_default_recipes_run_and_change_what_they_claim():
+    """Every recipe of the default set applies (data-driven ones calibrate on the given inputs)."""
+    cfg = VLAConfig.tiny(cameras=2, proprio_dim=3)
+    model = VLA(cfg).eval()
+    timing = random_observations(cfg, 16)
+    result = run_bench(model, DEFAULT_RECIPES, timing, None, BenchConfig(repeats=1, warmup=0, eval_samples=16),
+                       progress=False)
+    rows = {r["recipe"]: r for r in result["rows"]}
+    assert list(rows) == list(DEFAULT_RECIPES)
+    base = rows["baseline"]
+    assert rows["shortgpt-1"]["params_m"] < base["params_m"] and rows["attn-drop-1"]["params_m"] < base["params_m"]
+    assert rows["int8"]["weights_mb"] < base["weights_mb"] and rows["pooling-25+int8"]["visual_tokens_out"] == 8
+    assert 0 < rows["wanda-2:4"]["action_err_vs_baseline"] and result["settings"]["success"] is None
+
+
+def test_expert_stages_get_their_own_columns(tmp_path):
+    model = VLA(VLAConfig.tiny(head="expert", cameras=2, proprio_dim=3)).eval()
+    result = run_bench(model, {"baseline": [], "flow-2": [{"flow_steps": {"n": 2}}]},
+                       random_observations(model.config, 1), None, BenchConfig(repeats=3, warmup=1, eval_samples=1),
+                       progress=False)
+    markdown = to_markdown(result)
+    for title in ("prefix ms", "flow ms", "prefix GFLOPs", "flow GFLOPs"):
+        assert f" {title} |" in markdown
+    assert " lm ms |" not in markdown and " head ms |" not in markdown
+    base, fewer = result["rows"]
+    assert fewer["gflops"]["flow"] == pytest.approx(base["gflops"]["flow"] * 2 / model.config.head.steps)
+
+
+def test_success_column_equals_a_closed_loop_evaluation(tmp_path):
+    """`--success` runs each recipe's model from the same initial states as `vla-opt eval` would."""
+    pytest.importorskip("metaworld")
+    cfg = VLAConfig.tiny(cameras=2, proprio_dim=4, action_dim=4, chunk=4)
+    model = VLA(cfg).eval()
+    model.set_stats({"action": {"q01": [-1.0] * 4, "q99": [1.0] * 4}, "proprio": {"q01": [-0.5] * 4, "q99": [0.5] * 4}})
+    model.save_pretrained(tmp_path / "m")
+    (tmp_path / "r.yaml").write_text("- token_pruning: {method: random, keep: 0.5}\n")
+    assert main(["bench", "--model", str(tmp_path / "m"), "--recipes", str(tmp_path / "r.yaml"), "--repeats", "1",
+                 "--success", "--tasks", "drawer-close-v3", "--episodes", "2", "--workers", "0", "--max-steps", "20",
+                 "--seed", "5", "--json", str(tmp_path / "b.json"), "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    pruned = apply(VLA.from_pretrained(tmp_path / "m"), load_recipe(str(tmp_path / "r.yaml")))
+    for row, reference in zip(rows, (VLA.from_pretrained(tmp_path / "m"), pruned)):
+        expected = evaluate(reference, ["drawer-close-v3"], EvalConfig(episodes=2, max_steps=20, seed=5, workers=0),
+                            progress=False)
+        assert row["success"]["episodes"] == 2
+        assert row["success"]["successes"] == expected.overall.successes
+        assert row["success"]["episode_results"] == expected.episodes
+    with pytest.raises(SystemExit, match=r"--success needs --tasks .* for model "):
+        main(["bench", "--model", str(tmp_path / "m"), "--success"])

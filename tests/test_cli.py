@@ -7,7 +7,9 @@ import torch
 from conftest import observations
 
 from vlaopt import VLA, VLAConfig
+from vlaopt.bench.heldout import HELDOUT_FILE, load_npz
 from vlaopt.cli import main
+from vlaopt.data.dataset import EpisodeDataset
 
 
 def test_demo_prints_actions_and_stage_table(capsys):
@@ -47,6 +49,20 @@ def test_collect_then_train_from_the_command_line(tmp_path):
                  "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-fraction", "0.5"]) == 0
     model = VLA.from_pretrained(tmp_path / "m")
     assert len(model.stats()["action"]["q01"]) == 4
+    # the trained model carries held-out demonstrations from its own val split
+    heldout = load_npz(tmp_path / "m" / HELDOUT_FILE)
+    val = EpisodeDataset(data, "val", chunk=cfg.chunk, val_fraction=0.5, seed=0)
+    assert len(heldout) == len(val) and torch.equal(heldout.actions[0], torch.as_tensor(val[0]["actions"]))
+    # --init fine-tunes the saved weights (a near-zero learning rate leaves them as they were)
+    assert main(["train", "--data", str(data), "--init", str(tmp_path / "m"), "--out", str(tmp_path / "ft"),
+                 "--steps", "1", "--batch-size", "4", "--lr", "1e-12", "--val-fraction", "0.5", "--pruner", "lightvla"]) == 0
+    tuned = VLA.from_pretrained(tmp_path / "ft")
+    assert tuned.config.recipe == [{"token_pruning": {"method": "lightvla", "layer": 0, "keep": 1.0}}]
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[name], value, atol=1e-6, rtol=0)
+    with pytest.raises(SystemExit, match=r"needs exactly one of --config \(a new model\) or --init"):
+        main(["train", "--data", str(data), "--config", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path / "m"),
+              "--out", str(tmp_path / "m2")])
     bad = VLAConfig.tiny(cameras=1, proprio_dim=4, action_dim=4)
     bad.save(tmp_path / "bad.yaml")
     with pytest.raises(SystemExit, match=r"does not fit the data .*: cameras=1 but the data has 2"):

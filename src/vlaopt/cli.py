@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -77,13 +78,17 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Behaviour-clone a VLA (config file) on a collection folder of demonstrations."""
+    """Behaviour-clone a VLA (a config file, or fine-tune a saved model) on a collection of demonstrations."""
+    from vlaopt.bench import heldout as held
     from vlaopt.data.dataset import EpisodeDataset, compute_stats
     from vlaopt.model.vla import VLA
     from vlaopt.optimize import apply
     from vlaopt.train.trainer import TrainConfig, train
 
-    cfg = VLAConfig.load(args.config)
+    if (args.config is None) == (args.init is None):
+        raise SystemExit("vla-opt train needs exactly one of --config (a new model) or --init (fine-tune a saved one)")
+    model = VLA.from_pretrained(args.init) if args.init else VLA(VLAConfig.load(args.config))
+    cfg, source = model.config, args.init or args.config
     train_set = EpisodeDataset(args.data, "train", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
     val_set = EpisodeDataset(args.data, "val", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
     sample = train_set[0]
@@ -93,31 +98,41 @@ def _train(args: argparse.Namespace) -> int:
               "action_dim": cfg.action_dim}
     bad = [f"{k}={wanted[k]} but the data has {found[k]}" for k in wanted if wanted[k] != found[k]]
     if bad:
-        raise SystemExit(f"config {args.config} does not fit the data in {args.data}: {'; '.join(bad)}")
-    model = VLA(cfg)
+        raise SystemExit(f"model {source} does not fit the data in {args.data}: {'; '.join(bad)}")
     if args.pruner:
         apply(model, [{"token_pruning": {"method": args.pruner}}])
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      val_every=args.val_every, save_every=args.save_every, warmup_steps=min(100, args.steps // 10 + 1))
     log = train(model, train_set, val_set, args.out, tc, compute_stats(train_set), resume=not args.no_resume)
+    held.save_npz(held.from_collection(args.data, held.HELDOUT_SAMPLES, cfg.chunk, seed=args.seed,
+                                       val_fraction=args.val_fraction), Path(args.out) / held.HELDOUT_FILE)
     last = log["val_action_error"][-1][1] if log["val_action_error"] else float("nan")
-    Console().print(f"saved {args.out}; final validation action L1 error {last:.4f}")
+    Console().print(f"saved {args.out} (with {held.HELDOUT_FILE}, held-out demos for vla-opt bench); "
+                    f"final validation action L1 error {last:.4f}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     """Measure recipes side by side on one model: stage latency, FLOPs, tokens, action error, success."""
-    from pathlib import Path
-
     from vlaopt.bench import heldout as held
     from vlaopt.bench.harness import BenchConfig, random_observations, run_bench
     from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files
     from vlaopt.bench.report import to_table, write_outputs
-    from vlaopt.model.vla import VLA
+    from vlaopt.model.vla import VLA, resolve_model_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = Path(args.model)
+    model_dir = resolve_model_dir(args.model)
+    success = None
+    if args.success:
+        from vlaopt.eval.closed_loop import EvalConfig
+        from vlaopt.sim.tasks import resolve_tasks
+
+        tasks = args.tasks or ("default" if args.model == "default" else None)
+        if tasks is None:
+            raise SystemExit(f"--success needs --tasks (MetaWorld tasks to run) for model {args.model}")
+        success = (resolve_tasks(tasks), EvalConfig(episodes=args.episodes, execute=args.execute, seed=args.seed,
+                                                    workers=args.workers, max_steps=args.max_steps))
     model = VLA.from_pretrained(model_dir, device=args.device)
     if args.recipes:
         recipes = recipes_from_files(args.recipes)
@@ -134,7 +149,7 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         heldout = None
     timing = heldout if heldout is not None and len(heldout) >= cfg.batch else random_observations(model.config, cfg.batch)
-    result = run_bench(model, recipes, timing, heldout, cfg)
+    result = run_bench(model, recipes, timing, heldout, cfg, success)
     console = Console()
     console.print(to_table(result))
     for path in write_outputs(result, args.json, args.out):
@@ -196,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
     opt.add_argument("--out", required=True, help="directory for the optimized model")
     opt.set_defaults(func=_optimize)
+    from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
+
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
     bench.add_argument("--model", default="default", help="model directory, or 'default' (the bundled policy)")
     bench.add_argument("--recipes", nargs="+", help="recipe YAML files (each one recipe, named by its file stem)")
@@ -207,9 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data", help="collection folder whose validation episodes give held-out demonstrations")
     bench.add_argument("--json", default="bench-results/bench.json", help="where the JSON result goes")
     bench.add_argument("--out", default="bench-results", help="folder for bench.md, pareto.png, stages.png")
+    bench.add_argument("--success", action="store_true", help="add closed-loop success (vla-opt eval) per recipe")
+    bench.add_argument("--tasks", help="tasks for --success (default for the bundled policy: its six tasks)")
+    bench.add_argument("--episodes", type=int, default=10, help="--success episodes per task")
+    bench.add_argument("--execute", type=int, help="--success: actions executed per chunk (default: all)")
+    bench.add_argument("--workers", type=int, default=2, help="--success: parallel processes (0: this one)")
+    bench.add_argument("--seed", type=int, default=0, help="--success: base seed of the initial states")
+    bench.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="--success: steps per episode")
     bench.set_defaults(func=_bench)
-    from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
-
     col = sub.add_parser("collect", help="record MetaWorld scripted-expert demonstrations")
     col.add_argument("--tasks", required=True, help="mt10, a task name such as reach-v3, or a comma list")
     col.add_argument("--episodes-per-task", type=int, required=True)
@@ -222,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     col.set_defaults(func=_collect)
     tr = sub.add_parser("train", help="behaviour-clone a VLA on collected demonstrations")
     tr.add_argument("--data", required=True, help="collection folder written by `vla-opt collect`")
-    tr.add_argument("--config", required=True, help="VLAConfig as YAML or JSON")
+    tr.add_argument("--config", help="VLAConfig as YAML or JSON (a new model)")
+    tr.add_argument("--init", help="fine-tune this saved model (a directory, or 'default') instead of --config")
     tr.add_argument("--out", required=True, help="model directory (checkpoints land here; rerun to resume)")
     tr.add_argument("--steps", type=int, default=2000)
     tr.add_argument("--batch-size", type=int, default=32)

@@ -5,13 +5,17 @@ Every recipe is applied to its own copy of the model; timing rounds interleave t
 and ratios to the baseline come from the same run. Each row also carries per-stage FLOPs, the
 fraction of the device's measured matmul throughput each stage reaches, parameters, weight memory,
 visual tokens in and out, and the open-loop action error against the baseline's actions and, where
-held-out demonstrations are given, against the demonstrated actions.
+held-out demonstrations are given, against the demonstrated actions. Recipe steps that calibrate on
+data (`source: given`) get the held-out observations (or the timing inputs when there are none).
+With `success` set, each recipe's model also runs closed-loop episodes (`vlaopt.eval`) from the same
+initial states, for a success column.
 """
 
 from __future__ import annotations
 
 import copy
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -25,7 +29,9 @@ from vlaopt.bench.stages import summarize, time_once
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
 
-STAGES = ("inputs", "vision", "projector", "lm", "head")
+# Stages in pipeline order: OFT-style heads run "lm" then "head"; expert heads run the VLM as a cached
+# "prefix", optionally decode "reasoning", then "flow" steps (or an autoregressive "trajectory").
+STAGES = ("inputs", "vision", "projector", "lm", "prefix", "reasoning", "head", "flow", "trajectory")
 
 
 @dataclass
@@ -58,6 +64,11 @@ class Observations:
     def __len__(self) -> int:
         return len(self.instructions)
 
+    def batches(self, size: int) -> list[tuple[Any, list[str], Any]]:
+        """`(images, instructions, proprio)` batches, the form `vlaopt.apply` calibrates on."""
+        parts = (self.take(slice(i, i + size)) for i in range(0, len(self), size))
+        return [(p.images, p.instructions, p.proprio) for p in parts]
+
 
 def random_observations(config: Any, n: int, seed: int = 0) -> Observations:
     """Synthetic inputs of the right shapes (timing only: no demonstrated actions), one batch of `n`."""
@@ -81,13 +92,29 @@ def _visual_tokens(model: Any, obs: Observations) -> tuple[int, float]:
     return state.layout.visual, kept
 
 
+def closed_loop_success(model: Any, tasks: Sequence[str], eval_cfg: Any, progress: bool = True) -> dict[str, Any]:
+    """Overall and per-task closed-loop success of `model` with Wilson 95% intervals (`vlaopt.eval`)."""
+    from vlaopt.eval.closed_loop import evaluate
+
+    result = evaluate(model, tasks, eval_cfg, progress=progress)
+    return {"overall": result.overall.success_rate, "ci95": list(result.overall.ci95),
+            "successes": result.overall.successes, "episodes": result.overall.episodes,
+            "tasks": {t: r.success_rate for t, r in result.tasks.items()}, "episode_results": result.episodes}
+
+
 def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Observations,
-              heldout: Observations | None, cfg: BenchConfig, progress: bool = True) -> dict[str, Any]:
-    """Measure every recipe against `recipes["baseline"]`; returns a JSON-ready result."""
+              heldout: Observations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """Measure every recipe against `recipes["baseline"]`; returns a JSON-ready result.
+
+    `success` = (MetaWorld tasks, `EvalConfig`) adds closed-loop success for every recipe."""
     if "baseline" not in recipes:
         raise ValueError(f"recipes must include 'baseline'; got {sorted(recipes)}")
     device = model.device
-    models = {name: apply(copy.deepcopy(model), recipe).eval() for name, recipe in recipes.items()}
+    quality_set = heldout if heldout is not None else timing
+    calibration = quality_set.batches(8)
+    models = {name: apply(copy.deepcopy(model), recipe, calibration=calibration).eval()
+              for name, recipe in recipes.items()}
     batch = timing.take(slice(0, cfg.batch))
     peak = matmul_throughput(device)
     for m in models.values():
@@ -98,7 +125,6 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
     for _ in rounds:
         for name, m in models.items():
             samples[name].append(time_once(m, batch.images, batch.instructions, batch.proprio))
-    quality_set = heldout if heldout is not None else timing
     baseline_actions = _predict_all(models["baseline"], quality_set)
     rows = []
     for name, m in models.items():
@@ -131,6 +157,10 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
             row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             row["peak_mb"] = None
+        if success is not None:
+            if progress:
+                print(f"closed-loop success of {name}")
+            row["success"] = closed_loop_success(m, success[0], success[1], progress)
         rows.append(row)
     base = rows[0]
     for row in rows:
@@ -145,6 +175,7 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
                     "matmul_gflops": peak / 1e9},
         "settings": {"batch": cfg.batch, "repeats": cfg.repeats, "warmup": cfg.warmup,
                      "quality_inputs": "heldout demonstrations" if heldout is not None else "timing inputs (random)",
-                     "quality_samples": len(quality_set)},
+                     "quality_samples": len(quality_set),
+                     "success": None if success is None else {"tasks": list(success[0]), **vars(success[1])}},
         "rows": rows,
     }

@@ -1,5 +1,6 @@
 """Held-out demonstration samples for the quality columns of the benchmark: from a collection
-folder's validation split, or from a `heldout.npz` stored beside a model."""
+folder's validation split, or from a `heldout.npz` stored beside a model (`vla-opt train` writes one
+from the validation split it held out, so a trained model carries demonstrations it never saw)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from vlaopt.bench.harness import Observations
 from vlaopt.utils.io import atomic_write
 
 HELDOUT_FILE = "heldout.npz"
+HELDOUT_SAMPLES = 64  # what `vla-opt train` stores beside a model (the bench's default eval_samples)
 
 
-def from_collection(root: str | Path, n: int, chunk: int, seed: int = 0) -> Observations:
-    """`n` samples spread evenly over the validation episodes of a collection folder."""
+def from_collection(root: str | Path, n: int, chunk: int, seed: int = 0, val_fraction: float = 0.1) -> Observations:
+    """`n` samples spread evenly over the validation episodes of a collection folder (the split
+    `vla-opt train` makes with the same `seed` and `val_fraction`)."""
     from vlaopt.data.dataset import EpisodeDataset
 
-    data = EpisodeDataset(root, "val", chunk=chunk, seed=seed)
+    data = EpisodeDataset(root, "val", chunk=chunk, val_fraction=val_fraction, seed=seed)
     picks = np.linspace(0, len(data) - 1, num=min(n, len(data))).round().astype(int)
     samples = [data[int(i)] for i in picks]
     return Observations(

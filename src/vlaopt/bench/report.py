@@ -18,24 +18,32 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("lm ms", ("ms", "lm"), "{:.2f}"),
     ("prune ms", ("ms", "lm.prune"), "{:.2f}"),
     ("head ms", ("ms", "head"), "{:.2f}"),
+    ("prefix ms", ("ms", "prefix"), "{:.2f}"),  # expert heads: VLM prefix, reasoning decode, flow steps
+    ("reasoning ms", ("ms", "reasoning"), "{:.2f}"),
+    ("flow ms", ("ms", "flow"), "{:.2f}"),
+    ("trajectory ms", ("ms", "trajectory"), "{:.2f}"),
     ("total ms", ("ms", "total"), "{:.2f}"),
     ("speedup", ("speedup_total",), "{:.2f}x"),
     ("lm speedup", ("speedup_lm",), "{:.2f}x"),
     ("lm GFLOPs", ("gflops", "lm"), "{:.3f}"),
     ("lm FLOPs ratio", ("lm_flops_ratio",), "{:.3f}"),
     ("lm % of peak", ("achieved_fraction", "lm"), "{:.1%}"),
+    ("prefix GFLOPs", ("gflops", "prefix"), "{:.3f}"),
+    ("flow GFLOPs", ("gflops", "flow"), "{:.3f}"),
+    ("prefix % of peak", ("achieved_fraction", "prefix"), "{:.1%}"),
     ("tokens in", ("visual_tokens_in",), "{}"),
     ("tokens out", ("visual_tokens_out",), "{:.1f}"),
     ("params M", ("params_m",), "{:.3f}"),
     ("err vs base", ("action_err_vs_baseline",), "{:.4f}"),
     ("err vs demo", ("action_err_vs_demo",), "{:.4f}"),
     ("success", ("success", "overall"), "{:.1%}"),
+    ("success 95% CI", ("success", "ci95"), "{0[0]:.0%}-{0[1]:.0%}"),
 ]
 
 
 # The terminal table keeps to what fits a normal terminal; markdown and JSON carry everything.
-TERMINAL = ("recipe", "total ms", "speedup", "lm ms", "lm speedup", "lm FLOPs ratio", "tokens out", "err vs base",
-            "err vs demo", "success")
+TERMINAL = ("recipe", "total ms", "speedup", "lm ms", "prefix ms", "flow ms", "lm speedup", "lm FLOPs ratio",
+            "tokens out", "err vs base", "err vs demo", "success", "success 95% CI")
 
 
 def cell(row: dict[str, Any], path: tuple[str, ...], fmt: str) -> str:

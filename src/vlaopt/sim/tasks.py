@@ -74,8 +74,17 @@ TASK_SETS: dict[str, tuple[str, ...]] = {
         "window-close-v3",
     ),
     "mt50": tuple(INSTRUCTIONS),
+    "default": (
+        "reach-v3",
+        "drawer-open-v3",
+        "drawer-close-v3",
+        "button-press-topdown-v3",
+        "window-open-v3",
+        "window-close-v3",
+    ),
 }
-"""Named task sets: MetaWorld's MT10 and MT50 benchmarks."""
+"""Named task sets: MetaWorld's MT10 and MT50 benchmarks, and `default`, the six MT10 tasks the
+bundled default policy was trained on."""
 
 
 def resolve_tasks(spec: str) -> list[str]:
