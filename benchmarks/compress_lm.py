@@ -42,7 +42,7 @@ from tqdm import tqdm
 from vlaopt import VLA, VLAConfig, apply
 from vlaopt.bench.timer import StageTimer
 from vlaopt.config import HeadConfig, LMConfig, VisionConfig
-from vlaopt.model.checkpoint import unique_state
+from vlaopt.model.checkpoint import unique_state, weight_size
 from vlaopt.optimize.calibration import random_observations
 from vlaopt.optimize.weights.semi_structured import to_semi_structured
 
@@ -113,14 +113,9 @@ def recipes(layers: int, calibration: dict[str, Any], device: str) -> dict[str, 
 
 def lm_weights(model: VLA) -> dict[str, float]:
     """Elements, bytes and non-zero fraction of the LM's weights (tied tensors once; int8 counted)."""
-    state = unique_state(model.lm)
-    elements = sum(t.numel() for t in state.values())
-    nonzero = sum(int(t.count_nonzero()) for t in state.values())
-    return {
-        "lm_params": elements,
-        "lm_bytes": sum(t.numel() * t.element_size() for t in state.values()),
-        "lm_nonzero_fraction": nonzero / elements,
-    }
+    elements, size = weight_size(model.lm)
+    nonzero = sum(int(t.count_nonzero()) for t in unique_state(model.lm).values())
+    return {"lm_params": elements, "lm_bytes": size, "lm_nonzero_fraction": nonzero / elements}
 
 
 def action_error(model: VLA, reference: torch.Tensor, observations: list) -> dict[str, float]:

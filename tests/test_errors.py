@@ -117,6 +117,14 @@ def test_checkpoint_misshaped_weight(saved):
         VLA.from_pretrained(saved)
 
 
+def test_checkpoint_weight_of_another_dtype(saved):
+    state = load_file(str(saved / "model.safetensors"))
+    state["projector.0.weight"] = state["projector.0.weight"].half()
+    save_file(state, str(saved / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"weight 'projector.0.weight' .* has dtype torch.float16, expected torch.float32"):
+        VLA.from_pretrained(saved)
+
+
 def test_checkpoint_unexpected_weight(saved):
     state = load_file(str(saved / "model.safetensors"))
     state["extra.bias"] = torch.zeros(3)

@@ -10,6 +10,7 @@ from conftest import observations
 from safetensors.torch import load_file
 
 from vlaopt import VLA, VLAConfig, apply
+from vlaopt.model.checkpoint import weight_size
 from vlaopt.optimize.quant import Int8Linear
 
 
@@ -41,7 +42,14 @@ def test_int8_modules_hold_int8_weights_and_reload_bit_identically(tmp_path):
     model = _model("qwen2")
     images, instructions, proprio = observations(model.config)
     linears = [n for n, m in model.lm.decoder.layers.named_modules() if isinstance(m, torch.nn.Linear)]
+    layer_weights = sum(m.weight.numel() for n, m in model.lm.decoder.layers.named_modules() if n in linears)
+    elements, size = weight_size(model)
     apply(model, [{"quantize": {"method": "int8"}}])
+    # int8 weights are buffers: still counted as weights, at one byte instead of four (plus row scales)
+    after_elements, after_size = weight_size(model)
+    assert after_elements - elements == sum(m.weight.shape[0] for n, m in model.lm.decoder.layers.named_modules()
+                                            if isinstance(m, Int8Linear))
+    assert size - after_size == 3 * layer_weights - 4 * (after_elements - elements)
     quantized = {n: m for n, m in model.lm.decoder.layers.named_modules() if isinstance(m, Int8Linear)}
     assert sorted(quantized) == sorted(linears) and len(linears) == 2 * 7
     assert not any(isinstance(m, torch.nn.Linear) for m in model.lm.decoder.layers.modules())

@@ -10,7 +10,7 @@ from conftest import observations
 from vlaopt import VLA, VLAConfig, apply, load_recipe
 from vlaopt.optimize.tokens.base import PRUNERS
 from vlaopt.optimize.tokens.fastv import attention_rows
-from vlaopt.optimize.tokens.lightvla import straight_through_merge
+from vlaopt.optimize.tokens.lightvla import lightvla_scores, straight_through_merge
 from vlaopt.optimize.tokens.pooling import pool_kernel
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
@@ -83,6 +83,19 @@ def test_lightvla_keeps_exactly_the_union_of_votes():
     vis_pos = out.position_ids[:, out.layout.span("visual")]
     for b in range(votes.shape[0]):  # kept tokens are exactly the voted ones, at their positions
         assert vis_pos[b, : kept[b]].tolist() == (torch.unique(votes[b]) + 1).tolist()
+
+
+def test_lightvla_scores_equal_their_definition():
+    """The factored scores equal the seed's definition: rms-normed patches attend to the rms-normed
+    task tokens, the result is rms-normed and scored against every normed patch, over sqrt(D)."""
+    gen = torch.Generator().manual_seed(0)
+    patches, task = torch.randn(2, 12, 16, generator=gen), torch.randn(2, 5, 16, generator=gen)
+    task_valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    rms = lambda x: torch.nn.functional.rms_norm(x, (x.shape[-1],))  # noqa: E731
+    p, t = rms(patches), rms(task)
+    queries = torch.nn.functional.scaled_dot_product_attention(p, t, t, attn_mask=task_valid[:, None, :])
+    expected = rms(queries) @ p.transpose(1, 2) / 16**0.5
+    torch.testing.assert_close(lightvla_scores(patches, task, task_valid), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_lightvla_training_merge_is_straight_through():

@@ -50,19 +50,21 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _optimize(args: argparse.Namespace) -> int:
     """Apply a recipe to a saved model and save the optimized model with its recipe."""
+    from vlaopt.model.checkpoint import weight_size
     from vlaopt.model.vla import VLA
     from vlaopt.optimize import apply, load_recipe
 
     recipe = load_recipe(args.recipe)
     model = VLA.from_pretrained(args.model)
-    before = sum(p.numel() for p in model.parameters())
+    before = weight_size(model)
     apply(model, recipe)
     model.save_pretrained(args.out)
-    after = sum(p.numel() for p in model.parameters())
+    after = weight_size(model)
     console = Console()
     for entry in model.config.recipe[len(model.config.recipe) - len(recipe) :]:
         console.print(f"applied {entry}")
-    console.print(f"parameters {before / 1e6:.3f} M -> {after / 1e6:.3f} M; saved to {args.out}")
+    console.print(f"weights {before[0] / 1e6:.3f} M elements, {before[1] / 2**20:.2f} MB -> "
+                  f"{after[0] / 1e6:.3f} M, {after[1] / 2**20:.2f} MB; saved to {args.out}")
     return 0
 
 

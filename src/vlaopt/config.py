@@ -19,6 +19,7 @@ from vlaopt.utils.io import atomic_write_text
 
 VISION_KINDS = ("siglip", "dinov2", "fused")
 LM_FAMILIES = ("llama", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
 HEAD_KINDS = ("l1", "discrete", "diffusion", "flow", "expert")
 KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
 INTEGRATORS = ("euler", "midpoint")
@@ -143,9 +144,11 @@ class VLAConfig:
     bidirectional_actions: bool = True
     seed: int = 0
     recipe: list[dict[str, Any]] = field(default_factory=list)  # optimization steps applied, resolved
+    dtype: str = "float32"  # of the saved weights; `save_pretrained` records it, `from_pretrained` builds in it
 
     def __post_init__(self) -> None:
         check_positive(self, "", "cameras", "action_dim", "chunk")
+        check_choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.proprio_dim, int) or self.proprio_dim < 0:
             raise ValueError(f"proprio_dim={self.proprio_dim!r} must be a non-negative integer")
 

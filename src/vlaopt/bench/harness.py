@@ -26,6 +26,7 @@ from rich.progress import track
 from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import matmul_throughput
 from vlaopt.bench.stages import summarize, time_once
+from vlaopt.model.checkpoint import weight_size
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
 
@@ -140,8 +141,8 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
             "ms_p25": {k: v.p25_ms for k, v in stats.items()},
             "ms_p75": {k: v.p75_ms for k, v in stats.items()},
             "gflops": {k: v / 1e9 for k, v in flops.flops.items()},
-            "params_m": sum(p.numel() for p in m.parameters()) / 1e6,
-            "weights_mb": sum(t.numel() * t.element_size() for t in m.state_dict().values()) / 2**20,
+            "params_m": weight_size(m)[0] / 1e6,
+            "weights_mb": weight_size(m)[1] / 2**20,
             "visual_tokens_in": tokens_in,
             "visual_tokens_out": tokens_out,
             "action_err_vs_baseline": (actions - baseline_actions).abs().mean().item(),

@@ -33,6 +33,13 @@ def unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def weight_size(model: nn.Module) -> tuple[int, int]:
+    """Elements and bytes of the model's saved tensors (tied ones once; int8 weights and their scales
+    counted, which `parameters()` misses since they are buffers)."""
+    state = unique_state(model)
+    return sum(t.numel() for t in state.values()), sum(t.numel() * t.element_size() for t in state.values())
+
+
 def save_weights(model: nn.Module, path: str | Path) -> None:
     """Write the model's unique tensors to a safetensors file, atomically."""
     state = {k: v.detach().contiguous().cpu() for k, v in unique_state(model).items()}
@@ -62,6 +69,9 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
             raise CheckpointError(
                 f"weight {key!r} in {path} has shape {tuple(loaded[key].shape)}, expected {tuple(tensor.shape)}"
             )
+        if loaded[key].dtype != tensor.dtype:
+            raise CheckpointError(f"weight {key!r} in {path} has dtype {loaded[key].dtype}, expected {tensor.dtype} "
+                                  "(cast the model before loading, or save it in the dtype you load it in)")
     with torch.no_grad():
         for key, tensor in expected.items():
-            tensor.copy_(loaded[key].to(tensor.dtype))
+            tensor.copy_(loaded[key])

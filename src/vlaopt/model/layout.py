@@ -55,14 +55,16 @@ class TokenState:
     layout: Layout
     bidirectional_actions: bool = True
 
-    def attention_mask(self) -> torch.Tensor:
+    def attention_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean (B, 1, S, S) mask, True where a query may attend a key: causal over valid keys,
-        plus all-to-all among action slots when `bidirectional_actions`."""
+        plus all-to-all among action slots when `bidirectional_actions`. `rows` (query indices)
+        builds only those rows: (B, 1, len(rows), S)."""
         s = self.hidden.shape[1]
-        idx = torch.arange(s, device=self.hidden.device)
-        allowed = idx[None, :] <= idx[:, None]
+        keys = torch.arange(s, device=self.hidden.device)
+        queries = keys if rows is None else rows
+        allowed = keys[None, :] <= queries[:, None]
         if self.bidirectional_actions:
-            act = torch.zeros(s, dtype=torch.bool, device=self.hidden.device)
-            act[self.layout.span("action")] = True
-            allowed = allowed | (act[:, None] & act[None, :])
+            act = self.layout.span("action")
+            in_action = lambda idx: (idx >= act.start) & (idx < act.stop)  # noqa: E731
+            allowed = allowed | (in_action(queries)[:, None] & in_action(keys)[None, :])
         return (allowed[None] & self.valid[:, None, :])[:, None]

@@ -30,6 +30,14 @@ class BoundsNormalizer(nn.Module):
                 raise ValueError(f"{name} statistics {key} has shape {tuple(value.shape)}, expected ({self.dim},)")
             getattr(self, key).copy_(value)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> BoundsNormalizer:
+        """Follow the model across devices but keep the bounds in float32 when the model is cast to
+        half precision (bf16 would round q01/q99 to 3 significant digits)."""
+        for key in ("q01", "q99"):
+            kept = self._buffers[key]
+            self._buffers[key] = kept.to(fn(kept).device)
+        return self
+
     def stats(self) -> dict[str, list[float]]:
         return {"q01": self.q01.tolist(), "q99": self.q99.tolist()}
 
@@ -39,6 +47,7 @@ class BoundsNormalizer(nn.Module):
         return torch.where(active, span, torch.ones_like(span)), active
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Float32 in, float32 out (callers cast to the model's dtype)."""
         span, active = self._span()
         y = (2 * (x - self.q01) / span - 1).clamp(-1, 1)
         return torch.where(active, y, x)

@@ -109,6 +109,7 @@ class VLA(nn.Module):
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
         try:
+            self.config.dtype = str(self.lm.causal_lm.get_input_embeddings().weight.dtype).removeprefix("torch.")
             self.config.save(tmp / CONFIG_FILE)
             save_weights(self, tmp / WEIGHTS_FILE)
             atomic_write_text(tmp / STATS_FILE, json.dumps(self.stats(), indent=2))
@@ -137,6 +138,7 @@ class VLA(nn.Module):
                 raise CheckpointError(f"checkpoint directory {directory} lacks {name}")
         config = VLAConfig.load(directory / CONFIG_FILE)
         model = cls(config, tokenizer=load_tokenizer(str(directory)), load_lm_weights=False)
+        model.to(getattr(torch, config.dtype))
         load_weights(model, directory / WEIGHTS_FILE)
         model.set_stats(json.loads((directory / STATS_FILE).read_text()))
         return model.to(device).eval()
@@ -217,7 +219,7 @@ class VLA(nn.Module):
             batch, width = visual.shape[0], visual.shape[-1]
             parts = [self.lm.embed(torch.full((batch, 1), self.bos_id, device=self.device)), visual]
             if self.proprio_projector is not None:
-                parts.append(self.proprio_projector(self.proprio_norm.normalize(proprio))[:, None])
+                parts.append(self.proprio_projector(self.proprio_norm.normalize(proprio).to(visual.dtype))[:, None])
             prompt_ids, prompt_valid = self._prompt_ids(instructions)
             parts.append(self.lm.embed(prompt_ids))
             # the action expert reads the KV cache of [BOS][visual][proprio][prompt]: no slots, no STOP

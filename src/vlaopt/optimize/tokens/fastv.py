@@ -15,23 +15,27 @@ from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner, keep_count, keep_v
 
 
 def attention_rows(layer, state: TokenState, rotary, query_idx: torch.Tensor) -> torch.Tensor:
-    """Softmax attention probabilities (B, heads, Q, S) of the tokens `query_idx` at decoder `layer`."""
+    """Softmax attention probabilities (B, heads, Q, S) of the tokens `query_idx` at decoder `layer`.
+
+    Grouped-query heads share their key head through a reshape (no copy of the keys), the scaling
+    is folded into the queries, and only the mask rows of `query_idx` are built."""
     attn = layer.self_attn
     x = layer.input_layernorm(state.hidden)
     b, s, _ = x.shape
-    hd = attn.head_dim
-    q = attn.q_proj(x[:, query_idx]).view(b, len(query_idx), -1, hd)
+    hd, nq = attn.head_dim, len(query_idx)
+    q = attn.q_proj(x[:, query_idx]).view(b, nq, -1, hd)
     k = attn.k_proj(x).view(b, s, -1, hd)
     if hasattr(attn, "q_norm"):  # Qwen3 normalizes queries and keys per head
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     cos, sin = rotary
-    q, _ = apply_rotary_pos_emb(q, q, cos[:, query_idx], sin[:, query_idx])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    logits = (q @ k.transpose(-1, -2)) * attn.scaling
-    allowed = state.attention_mask()[:, :, query_idx]
-    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(-1)
+    q, _ = apply_rotary_pos_emb(q * attn.scaling, q[:, :1], cos[:, query_idx], sin[:, query_idx])
+    _, k = apply_rotary_pos_emb(k[:, :, :1], k, cos, sin)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    grouped = q.reshape(b, kv_heads, heads // kv_heads * nq, hd)  # query head h reads key head h // groups
+    logits = (grouped @ k.transpose(-1, -2)).view(b, heads, nq, s)
+    allowed = state.attention_mask(rows=query_idx)
+    return logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min).softmax(-1)
 
 
 @PRUNERS.register("fastv")

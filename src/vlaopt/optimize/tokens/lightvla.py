@@ -34,10 +34,19 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 
 
 def lightvla_scores(patches: torch.Tensor, task: torch.Tensor, task_valid: torch.Tensor) -> torch.Tensor:
-    """Patch-to-patch scores (B, P, P) of LightVLA from patches (B, P, D) and task tokens (B, T, D)."""
+    """Patch-to-patch scores (B, P, P) of LightVLA from patches (B, P, D) and task tokens (B, T, D).
+
+    By definition q = attention(rms(patches) -> rms(task)) and score = rms(q) . rms(patches)^T / sqrt(D).
+    Since q = A t (A the attention weights, t the normed task tokens), q . p_j = A (p t^T)^T, so the
+    scores come from the logits p t^T already computed, and |q_i| from the T x T Gram matrix t t^T:
+    P*T*(P + T) multiply-adds instead of P*P*D for the score matrix (3x fewer at P=512, T~160, D=512)."""
     p, t = _rms(patches), _rms(task)
-    queries = F.scaled_dot_product_attention(p, t, t, attn_mask=task_valid[:, None, :])
-    return _rms(queries) @ p.transpose(1, 2) / patches.shape[-1] ** 0.5
+    d = patches.shape[-1]
+    logits = p @ t.transpose(1, 2) / d**0.5  # (B, P, T)
+    attn = logits.masked_fill(~task_valid[:, None, :], float("-inf")).softmax(-1)
+    q_sq = ((attn @ (t @ t.transpose(1, 2))) * attn).sum(-1)  # |q_i|^2 = a_i^T (t t^T) a_i
+    q_rms = (q_sq / d + torch.finfo(q_sq.dtype).eps).sqrt()  # F.rms_norm's default eps
+    return (attn @ logits.transpose(1, 2)) / q_rms[..., None]
 
 
 def straight_through_merge(scores: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
