@@ -26,12 +26,13 @@ def test_resolve_tasks() -> None:
     assert resolve_tasks("sweep-v3, reach-v3,mt10")[:3] == ["sweep-v3", "reach-v3", "push-v3"]
     assert len(resolve_tasks("sweep-v3,mt10")) == 11  # reach-v3 is not repeated
     assert len(resolve_tasks("mt50")) == 50
+    assert set(resolve_tasks("default")) < set(TASK_SETS["mt10"]) and len(resolve_tasks("default")) == 6
     assert instruction("push-v3") == "push the puck to the goal"
 
 
 @pytest.mark.parametrize("spec", ["reach-v2", "mt10,pick", ""])
 def test_unknown_task_names_the_value_and_the_choices(spec: str) -> None:
-    with pytest.raises(ValueError, match=r"unknown task .*expected one of the sets \['mt10', 'mt50'\].*reach-v3"):
+    with pytest.raises(ValueError, match=r"unknown task .*expected one of the sets \['default', 'mt10', 'mt50'\].*reach-v3"):
         resolve_tasks(spec)
 
 
