@@ -9,6 +9,7 @@ from conftest import observations
 
 from vlaopt import VLA, VLAConfig, apply, load_recipe
 from vlaopt.optimize.tokens.base import PRUNERS
+from vlaopt.optimize.tokens.divprune import max_min_select
 from vlaopt.optimize.tokens.fastv import attention_rows
 from vlaopt.optimize.tokens.lightvla import lightvla_scores, straight_through_merge
 from vlaopt.optimize.tokens.pooling import pool_kernel
@@ -180,3 +181,20 @@ def test_pool_kernel_factorizes_the_keep_ratio():
 
 def test_registry_lists_all_methods():
     assert PRUNERS.names() == ["divprune", "fastv", "lightvla", "pooling", "random"]
+
+
+def test_divprune_picks_the_greedy_max_min_set():
+    """Against a plain-Python greedy farthest-point selection, with a padded token never picked."""
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(2, 9, 6, generator=gen)
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[1, 4] = False
+    chosen = max_min_select(features, valid, 4)
+    for b in range(2):
+        x = torch.nn.functional.normalize(features[b], dim=-1)
+        dist = 1 - x @ x.T
+        idx = [i for i in range(9) if valid[b, i]]
+        picks = [max(idx, key=lambda i: sum(dist[i, j].item() for j in idx) / len(idx))]
+        while len(picks) < 4:
+            picks.append(max((i for i in idx if i not in picks), key=lambda i: min(dist[i, j].item() for j in picks)))
+        assert sorted(picks) == chosen[b].nonzero().flatten().tolist()

@@ -14,20 +14,25 @@ def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch
     """Boolean (B, N) mask of k greedy max-min-distance picks among valid rows of features (B, N, D).
 
     The first pick is the token with the largest mean distance to the others."""
-    x = F.normalize(features.float(), dim=-1)
+    x = F.normalize(features.detach().float(), dim=-1)  # a discrete choice: no gradient
     dist = 1 - x @ x.transpose(1, 2)  # (B, N, N) cosine distance
     dist = dist.masked_fill(~valid[:, None, :], 0.0)
     b, n = valid.shape
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=features.device)
     neg = torch.finfo(dist.dtype).min
     first = (dist.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)).masked_fill(~valid, neg).argmax(-1)
     rows = torch.arange(b, device=features.device)
-    chosen[rows, first] = True
-    min_dist = dist[rows, first]
+    picks = [first]
+    # distance of every token to the kept set; kept and padding tokens are pinned at -inf-like `neg`
+    # (minimum keeps them there), so each greedy step is argmax, one row read, minimum, one write
+    min_dist = dist[rows, first].masked_fill(~valid, neg)
+    min_dist[rows, first] = neg
     for _ in range(k - 1):
-        nxt = min_dist.masked_fill(chosen | ~valid, neg).argmax(-1)
-        chosen[rows, nxt] = True
-        min_dist = torch.minimum(min_dist, dist[rows, nxt])
+        nxt = min_dist.argmax(-1)
+        picks.append(nxt)
+        torch.minimum(min_dist, dist[rows, nxt], out=min_dist)
+        min_dist[rows, nxt] = neg
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=features.device)
+    chosen[rows[:, None], torch.stack(picks, 1)] = True
     return chosen & valid
 
 

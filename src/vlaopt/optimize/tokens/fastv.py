@@ -34,8 +34,9 @@ def attention_rows(layer, state: TokenState, rotary, query_idx: torch.Tensor) ->
     heads, kv_heads = q.shape[1], k.shape[1]
     grouped = q.reshape(b, kv_heads, heads // kv_heads * nq, hd)  # query head h reads key head h // groups
     logits = (grouped @ k.transpose(-1, -2)).view(b, heads, nq, s)
-    allowed = state.attention_mask(rows=query_idx)
-    return logits.masked_fill_(~allowed, torch.finfo(logits.dtype).min).softmax(-1)
+    bias = torch.zeros((), dtype=logits.dtype, device=logits.device).masked_fill(
+        ~state.attention_mask(rows=query_idx), torch.finfo(logits.dtype).min)  # (B, 1, Q, S): one add, not a fill
+    return (logits + bias).softmax(-1)
 
 
 @PRUNERS.register("fastv")
