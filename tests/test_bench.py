@@ -162,3 +162,16 @@ def test_success_column_equals_a_closed_loop_evaluation(tmp_path):
         assert row["success"]["episode_results"] == expected.episodes
     with pytest.raises(SystemExit, match=r"--success needs --tasks .* for model "):
         main(["bench", "--model", str(tmp_path / "m"), "--success"])
+
+
+def test_int8_linears_are_counted_like_the_float_ones():
+    """quantized.linear_dynamic is invisible to torch's flop counter; ours counts it, so int8 keeps the FLOPs."""
+    model = VLA(VLAConfig.tiny(cameras=2, proprio_dim=3)).eval()
+    quantized = apply(VLA(VLAConfig.tiny(cameras=2, proprio_dim=3)).eval(), [{"quantize": {"method": "int8"}}])
+    images, instructions, proprio = observations(model.config)
+    counts = []
+    for m in (model, quantized):
+        flops = FlopRecorder()
+        m.predict_action(images, instructions, proprio, timer=flops)
+        counts.append(flops.flops["lm"])
+    assert counts[0] == counts[1] > 0

@@ -1,6 +1,7 @@
 """FLOP counting: `torch.utils.flop_counter` for every op except attention, which is counted
 analytically from the shapes of each `scaled_dot_product_attention` call (torch 2.13 counts zero
-for SDPA on CPU, and the per-kernel formulas differ across devices)."""
+for SDPA on CPU, and the per-kernel formulas differ across devices), and int8 dynamic linears
+(`quantized.linear_dynamic`, which the flop counter does not see), counted as 2 x inputs x outputs."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
-class _SDPACounter(TorchFunctionMode):
-    """Adds 4 B H Sq Sk D for every SDPA call (QK^T and PV, a multiply-add = 2 FLOPs)."""
+class _AnalyticCounter(TorchFunctionMode):
+    """Adds 4 B H Sq Sk D for every SDPA call (QK^T and PV, a multiply-add = 2 FLOPs) and
+    2 x rows x in x out for every int8 dynamic linear."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -28,15 +30,18 @@ class _SDPACounter(TorchFunctionMode):
             *batch, sq, d = q.shape
             sk, dv = k.shape[-2], args[2].shape[-1]
             self.flops += 2 * int(torch.tensor(batch).prod()) * sq * sk * (d + dv)
-        return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if func in (torch.ops.quantized.linear_dynamic, torch.ops.quantized.linear_dynamic.default):
+            self.flops += 2 * args[0].numel() * out.shape[-1]
+        return out
 
 
 @contextmanager
 def _counting() -> Iterator[Callable[[], int]]:
     """Count FLOPs inside the block; the yielded function returns the count afterwards."""
-    with FlopCounterMode(display=False) as counter, _SDPACounter() as sdpa:
+    with FlopCounterMode(display=False) as counter, _AnalyticCounter() as analytic:
         yield lambda: sum(n for op, n in counter.get_flop_counts().get("Global", {}).items()
-                          if "attention" not in str(op)) + sdpa.flops
+                          if "attention" not in str(op)) + analytic.flops
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
