@@ -3,6 +3,7 @@ cosine distance (each new token is the one farthest from everything already kept
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -13,27 +14,27 @@ from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner, keep_count, keep_v
 def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean (B, N) mask of k greedy max-min-distance picks among valid rows of features (B, N, D).
 
-    The first pick is the token with the largest mean distance to the others."""
+    The first pick is the token with the largest mean distance to the others. The distance matrix
+    is one product on the model's device; the greedy loop is k sequential steps of a few scalar-sized
+    ops, so it runs on the host in numpy (per step ~1 us instead of a ~3-10 us torch dispatch, or a
+    kernel launch on a GPU)."""
     x = F.normalize(features.detach().float(), dim=-1)  # a discrete choice: no gradient
-    dist = 1 - x @ x.transpose(1, 2)  # (B, N, N) cosine distance
-    dist = dist.masked_fill(~valid[:, None, :], 0.0)
-    b, n = valid.shape
-    neg = torch.finfo(dist.dtype).min
-    first = (dist.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)).masked_fill(~valid, neg).argmax(-1)
-    rows = torch.arange(b, device=features.device)
-    picks = [first]
-    # distance of every token to the kept set; kept and padding tokens are pinned at -inf-like `neg`
-    # (minimum keeps them there), so each greedy step is argmax, one row read, minimum, one write
-    min_dist = dist[rows, first].masked_fill(~valid, neg)
-    min_dist[rows, first] = neg
+    dist = (1 - x @ x.transpose(1, 2)).masked_fill(~valid[:, None, :], 0.0)  # (B, N, N) cosine distance
+    first = (dist.sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)).masked_fill(~valid, -np.inf).argmax(-1)
+    dist_np, valid_np, first_np = dist.cpu().numpy(), valid.cpu().numpy(), first.cpu().numpy()
+    rows = np.arange(valid_np.shape[0])
+    chosen = np.zeros(valid_np.shape, dtype=bool)
+    chosen[rows, first_np] = True
+    # distance of every token to the kept set; kept and padding tokens are pinned at -inf (minimum
+    # keeps them there), so each greedy step is argmax, one row read, minimum, one write
+    min_dist = np.where(valid_np, dist_np[rows, first_np], -np.inf)
+    min_dist[rows, first_np] = -np.inf
     for _ in range(k - 1):
         nxt = min_dist.argmax(-1)
-        picks.append(nxt)
-        torch.minimum(min_dist, dist[rows, nxt], out=min_dist)
-        min_dist[rows, nxt] = neg
-    chosen = torch.zeros(b, n, dtype=torch.bool, device=features.device)
-    chosen[rows[:, None], torch.stack(picks, 1)] = True
-    return chosen & valid
+        chosen[rows, nxt] = True
+        np.minimum(min_dist, dist_np[rows, nxt], out=min_dist)
+        min_dist[rows, nxt] = -np.inf
+    return torch.from_numpy(chosen).to(valid.device) & valid
 
 
 @PRUNERS.register("divprune")
