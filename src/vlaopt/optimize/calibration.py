@@ -13,7 +13,7 @@ so a method may change layer i before layer i + 1 sees its output (sequential ca
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +193,17 @@ class CalibratedStep(RecipeStep):
     """A recipe step that may need calibration data: it reads the observations handed to
     `apply(model, recipe, calibration=...)` from `self.calibration` (set by `RecipeStep.__init__`)."""
 
-    def observations(
-        self, model: Any, params: dict[str, Any], where: str
-    ) -> tuple[list[Observation], CalibrationConfig]:
-        """The observations named by `params` (a `calibration` mapping) and its resolved config."""
-        cfg = make_config(CalibrationConfig, dict(params), f"{where} calibration")
+    def calibrated_states(
+        self, model: Any, params: dict[str, Any] | None, needs_data: bool, where: str, resolved: dict[str, Any]
+    ) -> list[TokenState] | None:
+        """The encoded calibration states a data-driven method runs on (the `calibration` mapping
+        `params` resolved into `resolved["calibration"]`), or None for a data-free method, which
+        refuses a `calibration` mapping (`params` not None)."""
+        if not needs_data:
+            if params is not None:
+                raise ValueError(f"{where} uses no data; remove its calibration {params!r}")
+            return None
+        cfg = make_config(CalibrationConfig, dict(params or {}), f"{where} calibration")
         given = self.calibration if cfg.source == "given" else None
-        return calibration_observations(cfg, model, given, where), cfg
+        resolved["calibration"] = asdict(cfg)
+        return encode_observations(model, calibration_observations(cfg, model, given, where))

@@ -7,11 +7,10 @@ candidate), so `rebuild` re-creates the same structure on a fresh model without 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlaopt.optimize.calibration import CalibratedStep, encode_observations
+from vlaopt.optimize.calibration import CalibratedStep
 from vlaopt.optimize.layers.base import LAYER_METHODS
 from vlaopt.optimize.recipe import STEPS, make_config
 
@@ -50,13 +49,7 @@ class LayerPruningStep(CalibratedStep):
                 f"{where}: n={cfg.n} must be below the {len(candidates)} removable units; keep at least one"
             )
         resolved: dict[str, Any] = {"method": name, "n": cfg.n}
-        states = None
-        if method.needs_data:
-            observations, calibration = self.observations(model, cfg.calibration, where)
-            states = encode_observations(model, observations)
-            resolved["calibration"] = dataclasses.asdict(calibration)
-        elif cfg.calibration:
-            raise ValueError(f"{where} uses no data; remove its calibration {cfg.calibration!r}")
+        states = self.calibrated_states(model, cfg.calibration or None, method.needs_data, where, resolved)
         scores = method.scores(model, states)
         removed = sorted(sorted(scores, key=lambda i: (scores[i], i))[: cfg.n])
         layers = len(model.lm.decoder.layers)

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from vlaopt.optimize.calibration import CalibratedStep, encode_observations
+from vlaopt.optimize.calibration import CalibratedStep
 from vlaopt.optimize.recipe import STEPS, make_config
 from vlaopt.optimize.weights.base import WEIGHT_PRUNERS
 from vlaopt.optimize.weights.prune import prune_model
@@ -36,13 +36,7 @@ class WeightPruningStep(CalibratedStep):
         cfg = make_config(cls.config_cls, params, where)
         targets = select_modules(model, cfg.targets, cfg.ignore, nn.Linear, where)
         resolved: dict[str, Any] = {"method": name, **dataclasses.asdict(cfg)}
-        states = None
-        if cls.stats_cls is not None:
-            observations, calibration = self.observations(model, calibration_params or {}, where)
-            states = encode_observations(model, observations)
-            resolved["calibration"] = dataclasses.asdict(calibration)
-        elif calibration_params is not None:
-            raise ValueError(f"{where} uses no data; remove its calibration {calibration_params!r}")
+        states = self.calibrated_states(model, calibration_params, cls.stats_cls is not None, where, resolved)
         prune_model(model, cls(cfg), targets, states)
         return resolved
 
