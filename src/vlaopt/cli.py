@@ -166,11 +166,11 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.tasks and not args.data:
         raise SystemExit("vla-opt eval needs --tasks (closed loop), --data (open loop), or both")
     console = Console()
-    model = VLA.from_pretrained(args.model)
     if args.data:
         from vlaopt.eval.open_loop import open_loop_error
 
-        result = open_loop_error(model, args.data, val_fraction=args.val_fraction, seed=args.split_seed)
+        result = open_loop_error(VLA.from_pretrained(args.model), args.data, val_fraction=args.val_fraction,
+                                 seed=args.split_seed)
         per_task = ", ".join(f"{t} {e:.4f}" for t, e in result.per_task.items())
         console.print(f"open-loop action L1 on the val split of {args.data} ({result.samples} steps): "
                       f"{result.l1:.4f} ({per_task})")

@@ -113,8 +113,8 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
         raise ValueError(f"recipes must include 'baseline'; got {sorted(recipes)}")
     device = model.device
     quality_set = heldout if heldout is not None else timing
-    calibration = quality_set.batches(8)
-    models = {name: apply(copy.deepcopy(model), recipe, calibration=calibration).eval()
+    calibration_batches = quality_set.batches(8)
+    models = {name: apply(copy.deepcopy(model), recipe, calibration=calibration_batches).eval()
               for name, recipe in recipes.items()}
     batch = timing.take(slice(0, cfg.batch))
     peak = matmul_throughput(device)
@@ -134,6 +134,7 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
         m.predict_action(batch.images, batch.instructions, batch.proprio, timer=flops)
         actions = _predict_all(m, quality_set)
         tokens_in, tokens_out = _visual_tokens(m, batch)
+        elements, size = weight_size(m)
         row = {
             "recipe": name,
             "steps": recipes[name],
@@ -141,8 +142,8 @@ def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Obse
             "ms_p25": {k: v.p25_ms for k, v in stats.items()},
             "ms_p75": {k: v.p75_ms for k, v in stats.items()},
             "gflops": {k: v / 1e9 for k, v in flops.flops.items()},
-            "params_m": weight_size(m)[0] / 1e6,
-            "weights_mb": weight_size(m)[1] / 2**20,
+            "params_m": elements / 1e6,
+            "weights_mb": size / 2**20,
             "visual_tokens_in": tokens_in,
             "visual_tokens_out": tokens_out,
             "action_err_vs_baseline": (actions - baseline_actions).abs().mean().item(),

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlaopt.optimize import load_recipe
+from vlaopt.optimize.recipe import read_recipe_file
 
 CALIBRATION = {"samples": 16}  # held-out observations the data-driven steps calibrate on
 
@@ -36,9 +35,7 @@ def recipes_from_files(paths: list[str]) -> dict[str, list[dict[str, Any]]]:
     the baseline (no steps) is always included first."""
     out: dict[str, list[dict[str, Any]]] = {"baseline": []}
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"recipe file {path} does not exist")
-        data = yaml.safe_load(Path(path).read_text())
+        data = read_recipe_file(path)
         named = data.items() if isinstance(data, dict) else [(Path(path).stem, data or [])]
         for name, recipe in named:
             if name in out and (name != "baseline" or recipe):

@@ -62,15 +62,17 @@ def _entries(recipe: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
+def read_recipe_file(path: str | Path) -> Any:
+    """The parsed YAML of a recipe file (None when empty), or a named error when it does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} does not exist")
+    return yaml.safe_load(path.read_text())
+
+
 def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """A recipe from a YAML file path or an already parsed list (validated)."""
-    if isinstance(source, list):
-        recipe = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe file {path} does not exist")
-        recipe = yaml.safe_load(path.read_text()) or []
+    recipe = source if isinstance(source, list) else read_recipe_file(source) or []
     _entries(recipe)
     return recipe
 
