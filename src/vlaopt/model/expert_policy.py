@@ -27,6 +27,7 @@ from vlaopt.model.decode import (
     next_positions,
     text_processors,
 )
+from vlaopt.model.heads.discrete import bin_centers
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
 
@@ -57,12 +58,6 @@ def forbidden_text_ids(model: VLA) -> list[int]:
     vocab, bins = model.lm.vocab_size, model.head.cfg.bins
     ids = list(range(vocab - bins, vocab))
     return ids if model.pad_id == model.stop_id else [model.pad_id, *ids]
-
-
-def bin_centers(bins: int, device: torch.device) -> torch.Tensor:
-    """Centres of `bins` uniform bins over [-1, 1] (the discrete head's discretisation)."""
-    edges = torch.linspace(-1.0, 1.0, bins + 1, device=device)
-    return (edges[:-1] + edges[1:]) / 2
 
 
 def act(

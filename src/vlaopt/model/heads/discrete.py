@@ -10,6 +10,12 @@ import torch.nn.functional as F
 from vlaopt.model.heads.base import HEADS, ActionHead
 
 
+def bin_centers(bins: int, device: torch.device) -> torch.Tensor:
+    """Centres of `bins` uniform bins over [-1, 1] (also the expert's autoregressive trajectory tokens)."""
+    edges = torch.linspace(-1.0, 1.0, bins + 1, device=device)
+    return (edges[:-1] + edges[1:]) / 2
+
+
 @HEADS.register("discrete")
 class DiscreteHead(ActionHead):
     def bin_logits(self, hidden: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
@@ -17,17 +23,13 @@ class DiscreteHead(ActionHead):
         logits = hidden @ readout[-self.cfg.bins :].t()
         return logits.reshape(hidden.shape[0], self.chunk, self.action_dim, self.cfg.bins)
 
-    def bin_centers(self, device: torch.device) -> torch.Tensor:
-        edges = torch.linspace(-1.0, 1.0, self.cfg.bins + 1, device=device)
-        return (edges[:-1] + edges[1:]) / 2
-
     def to_bins(self, actions: torch.Tensor) -> torch.Tensor:
         """Bin index of each normalized action value."""
         idx = torch.floor((actions.clamp(-1, 1) + 1) / 2 * self.cfg.bins).long()
         return idx.clamp(0, self.cfg.bins - 1)
 
     def predict(self, hidden: torch.Tensor, readout: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        return self.bin_centers(hidden.device)[self.bin_logits(hidden, readout).argmax(-1)]
+        return bin_centers(self.cfg.bins, hidden.device)[self.bin_logits(hidden, readout).argmax(-1)]
 
     def loss(self, hidden, readout, actions, generator=None) -> torch.Tensor:
         logits = self.bin_logits(hidden, readout)
