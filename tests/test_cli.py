@@ -57,7 +57,8 @@ def test_collect_then_train_from_the_command_line(tmp_path):
     assert main(["train", "--data", str(data), "--init", str(tmp_path / "m"), "--out", str(tmp_path / "ft"),
                  "--steps", "1", "--batch-size", "4", "--lr", "1e-12", "--val-fraction", "0.5", "--pruner", "lightvla"]) == 0
     tuned = VLA.from_pretrained(tmp_path / "ft")
-    assert tuned.config.recipe == [{"token_pruning": {"method": "lightvla", "layer": 0, "keep": 1.0}}]
+    expected = {"method": "lightvla", "layer": 0, "keep": 1.0, "train_path": "merge"}
+    assert tuned.config.recipe == [{"token_pruning": expected}]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[name], value, atol=1e-6, rtol=0)
     with pytest.raises(SystemExit, match=r"needs exactly one of --config \(a new model\) or --init"):

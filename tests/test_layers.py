@@ -143,20 +143,28 @@ def test_block_removal_that_strands_a_token_pruning_hook_is_refused():
         remove_blocks(model, [2, 3])
 
 
-def test_the_attention_fastv_scores_with_is_never_dropped():
+def test_the_attention_fastv_reads_is_never_dropped():
     model = _model("qwen2")
-    apply(model, [{"token_pruning": {"method": "fastv", "layer": 2, "keep": 0.5}}])
+    apply(model, [{"token_pruning": {"method": "fastv", "layer": 2, "keep": 0.5}}])  # reads layer 1's attention
     resolved = apply(model, [{"layer_pruning": {"method": "gate_norm", "n": 2}}]).config.recipe[-1]["layer_pruning"]
-    assert resolved["scores"][2] is None and 2 not in resolved["removed"]  # not a candidate
+    assert resolved["scores"][1] is None and 1 not in resolved["removed"]  # not a candidate
     assert torch.isfinite(model.predict_action(*observations(model.config))).all()
     model = _model("qwen2")
     apply(model, [{"token_pruning": {"method": "fastv", "layer": 2, "keep": 0.5}}])
-    with pytest.raises(ValueError, match="a fastv hook before it scores tokens with it"):
-        drop_attention(model, [2])
-    drop_attention(model, [3])
-    with pytest.raises(ValueError, match="moves the fastv hook before decoder layer 3, whose attention was dropped"):
-        remove_blocks(model, [2])
+    with pytest.raises(ValueError, match="decoder layer 1 keeps its attention: the fastv hook after it ranks tokens"):
+        drop_attention(model, [1])
+    drop_attention(model, [0])
+    with pytest.raises(ValueError, match=r"removing blocks \[1\] leaves decoder layer 0, whose attention was dropped, "
+                                         "right before the fastv hook"):
+        remove_blocks(model, [1])
+    with pytest.raises(ValueError, match=r"removing blocks \[0, 1\] leaves no layer right before the fastv hook"):
+        remove_blocks(model, [0, 1])
     assert model.lm.hooks[0].layer == 2 and len(model.lm.decoder.layers) == 4  # nothing changed
+    with pytest.raises(ValueError, match="token_pruning fastv at layer=1 ranks tokens by the attention of decoder "
+                                         "layer 0, which was dropped"):
+        apply(model, [{"token_pruning": {"method": "fastv", "layer": 1}}])
+    remove_blocks(model, [3])
+    assert torch.isfinite(model.predict_action(*observations(model.config))).all()
 
 
 def test_depth_pruning_errors_name_the_problem():

@@ -3,6 +3,8 @@ training path, FastV's attention rows, recipes that save and reload."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import observations
@@ -10,7 +12,7 @@ from conftest import observations
 from vlaopt import VLA, VLAConfig, apply, load_recipe
 from vlaopt.optimize.tokens.base import PRUNERS
 from vlaopt.optimize.tokens.divprune import max_min_select
-from vlaopt.optimize.tokens.fastv import attention_rows
+from vlaopt.optimize.tokens.fastv import attention_probs
 from vlaopt.optimize.tokens.lightvla import lightvla_scores, straight_through_merge
 from vlaopt.optimize.tokens.pooling import pool_kernel
 
@@ -22,6 +24,10 @@ def _model(lm="llama", recipe=None, **kw) -> VLA:
     cfg = VLAConfig.tiny(lm=lm, cameras=2, proprio_dim=3, **kw)
     model = VLA(cfg).eval()
     return apply(model, recipe) if recipe else model
+
+
+def _layer(method: str) -> int:
+    return 1 if method == "fastv" else 0  # fastv reads the attention of the layer before it
 
 
 @pytest.mark.parametrize("lm", FAMILIES)
@@ -36,7 +42,7 @@ def test_keeping_all_tokens_gives_the_unpruned_actions(lm, method):
 
 @pytest.mark.parametrize(
     "lm,step",
-    [("llama", {"method": m, "keep": 0.25}) for m in FIXED_K]
+    [("llama", {"method": m, "layer": _layer(m), "keep": 0.25}) for m in FIXED_K]
     + [(lm, {"method": "lightvla"}) for lm in FAMILIES]
     + [("qwen3", {"method": "fastv", "layer": 1, "keep": 0.3})],
 )
@@ -54,11 +60,20 @@ def _encoded(model: VLA):
     return model.lm_input(images, instructions, proprio)
 
 
+def _pruned(model: VLA, state):
+    """The token state the model's first pruning hook returns inside the LM's layer loop."""
+    out = []
+    handle = model.lm.hooks[0].register_forward_hook(lambda mod, args, result: out.append(result))
+    model.lm(state)
+    handle.remove()
+    return out[0]
+
+
 @pytest.mark.parametrize("method,keep", [("fastv", 0.25), ("divprune", 0.4), ("random", 0.1), ("pooling", 0.25)])
 def test_fixed_ratio_methods_keep_round_k_and_original_positions(method, keep):
-    model = _model(recipe=[{"token_pruning": {"method": method, "keep": keep}}])
+    model = _model(recipe=[{"token_pruning": {"method": method, "layer": _layer(method), "keep": keep}}])
     state = _encoded(model)
-    out = model.lm.hooks[0](state)
+    out = _pruned(model, state)
     n = state.layout.visual
     assert out.layout.visual == max(1, round(n * keep))
     assert out.valid[:, out.layout.span("visual")].all()
@@ -119,23 +134,87 @@ def test_lightvla_training_mode_keeps_the_sequence_and_passes_gradients():
     assert model.projector[0].weight.grad.abs().sum() > 0
 
 
+def test_lightvla_drop_training_path_shows_the_lm_the_inference_sequence():
+    """train_path=drop: the training forward (no noise) gives the inference actions, and the loss
+    still reaches the scores' inputs through the straight-through merge."""
+    model = _model(recipe=[{"token_pruning": {"method": "lightvla", "train_path": "drop"}}])
+    state = _encoded(model)
+    inferred = model.action_hidden(model.lm(state))
+    model.train()
+    hidden = state.hidden.detach().requires_grad_(True)
+    trained = model.action_hidden(model.lm(replace(state, hidden=hidden)))
+    torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=0)
+    merge = _model(recipe=[{"token_pruning": {"method": "lightvla"}}]).train()
+    merge.load_state_dict(model.state_dict())
+    assert (merge.action_hidden(merge.lm(state)) - inferred).abs().max() > 1e-3  # the seed's path differs
+    trained.sum().backward()
+    span = state.layout.span("visual")
+    votes = model.lm.hooks[0].votes(state)
+    unvoted = [j for j in range(span.stop - span.start) if j not in votes[0].tolist()]
+    assert hidden.grad[0, span][unvoted].abs().sum() > 0  # only the scores can carry gradient to unvoted patches
+
+
+def test_lightvla_train_path_is_checked():
+    with pytest.raises(ValueError, match=r"train_path='keep'; expected one of merge, drop"):
+        _model(recipe=[{"token_pruning": {"method": "lightvla", "train_path": "keep"}}])
+
+
 @pytest.mark.parametrize("lm", FAMILIES)
-def test_fastv_attention_rows_match_the_layer_attention(lm):
-    """probs @ V through o_proj reproduces the layer's own SDPA attention output."""
+def test_attention_probe_rows_reproduce_the_layer_attention(lm):
+    """The queries and keys the attention probe hands over give probabilities whose product with V,
+    through o_proj, is the layer's own SDPA attention output."""
     model = _model(lm)
     state = _encoded(model)
-    layer = model.lm.decoder.layers[0]
+    attn = model.lm.decoder.layers[0].self_attn
     rotary = model.lm.decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-    s = state.hidden.shape[1]
-    probs = attention_rows(layer, state, rotary, torch.arange(s))
-    attn = layer.self_attn
-    x = layer.input_layernorm(state.hidden)
-    v = attn.v_proj(x).view(x.shape[0], s, -1, attn.head_dim).transpose(1, 2)
+    seen = []
+    x = model.lm.decoder.layers[0].input_layernorm(state.hidden)
+    ref, _ = attn(x, position_embeddings=rotary, attention_mask=state.attention_mask(),
+                  attention_probe=lambda *args: seen.append(args))
+    (query, key, mask, scaling), = seen
+    b, s = state.hidden.shape[:2]
+    probs = attention_probs(query, key, mask, scaling, slice(0, s))
+    v = attn.v_proj(x).view(b, s, -1, attn.head_dim).transpose(1, 2)
     v = v.repeat_interleave(probs.shape[1] // v.shape[1], dim=1)
-    ours = attn.o_proj((probs @ v).transpose(1, 2).reshape(x.shape[0], s, -1))
-    ref, _ = attn(x, position_embeddings=rotary, attention_mask=state.attention_mask())
+    ours = attn.o_proj((probs @ v).transpose(1, 2).reshape(b, s, -1))
     valid = state.valid
     torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
+    rows = state.layout.span("prompt")  # a block of rows equals those rows of the full matrix
+    torch.testing.assert_close(attention_probs(query, key, mask, scaling, rows), probs[:, :, rows])
+
+
+def test_fastv_keeps_the_tokens_most_attended_in_the_layer_before():
+    """FastV before layer 1 keeps the top-k visual tokens by the attention the prompt and action
+    tokens paid them in layer 0 (probabilities rebuilt here from that layer's input)."""
+    model = _model("qwen3", [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.25}}])
+    state = _encoded(model)
+    out = _pruned(model, state)
+    seen = []
+    layer = model.lm.decoder.layers[0]
+    layer.self_attn(layer.input_layernorm(state.hidden), attention_mask=state.attention_mask(),
+                    position_embeddings=model.lm.decoder.rotary_emb(state.hidden, state.position_ids),
+                    attention_probe=lambda *a: seen.append(a))
+    (query, key, mask, scaling), = seen
+    lay = state.layout
+    probs = attention_probs(query, key, mask, scaling, slice(0, lay.length))
+    rows = slice(lay.span("prompt").start, lay.span("action").stop)
+    received = []
+    for b in range(state.hidden.shape[0]):
+        q = state.valid[b, rows].nonzero().squeeze(1) + rows.start  # valid prompt and action queries
+        received.append(probs[b][:, q][..., lay.span("visual")].mean((0, 1)))
+    k = round(lay.visual * 0.25)
+    for b, r in enumerate(received):
+        expected = sorted((r.topk(k).indices + lay.span("visual").start).tolist())
+        assert out.position_ids[b, out.layout.span("visual")].tolist() == expected
+
+
+def test_fastv_needs_the_attention_of_the_layer_before():
+    with pytest.raises(ValueError, match=r"fastv ranks tokens by the attention of the layer before it; layer=0 must"):
+        _model(recipe=[{"token_pruning": {"method": "fastv", "layer": 0}}])
+    model = _model(recipe=[{"token_pruning": {"method": "fastv", "layer": 1}}])
+    with pytest.raises(RuntimeError, match=r"fastv before decoder layer 1 ranks the 32 visual tokens by the attention "
+                                           r"of layer 0, but found none: run it in the LM's layer loop"):
+        model.lm.hooks[0](_encoded(model))
 
 
 @pytest.mark.parametrize("step", [{"method": "fastv", "layer": 1, "keep": 0.5}, {"method": "lightvla"}])
@@ -154,9 +233,11 @@ def test_recipe_from_yaml_and_stacked_pruners(tmp_path):
     path.write_text("- token_pruning: {method: pooling, keep: 0.5}\n- token_pruning: {method: fastv, layer: 1, keep: 0.5}\n")
     model = _model(recipe=load_recipe(path))
     assert model.config.recipe[1] == {"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}
-    pooled = model.lm.hooks[0](_encoded(model))
-    assert pooled.layout.visual == 16  # 2 cameras x (4x4 patches pooled 1x2 -> 4x2)
-    assert model.lm.hooks[1](pooled).layout.visual == 8  # fastv keeps half of those
+    seen = []
+    for hook in model.lm.hooks:
+        hook.register_forward_hook(lambda mod, args, out: seen.append(out.layout.visual))
+    model.lm(_encoded(model))
+    assert seen == [16, 8]  # 2 cameras x (4x4 patches pooled 1x2 -> 4x2), then fastv keeps half of those
 
 
 def test_recipe_errors_name_the_value():

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vlaopt.config import HEAD_KINDS, LM_FAMILIES, VISION_KINDS, VLAConfig
+from vlaopt.optimize.tokens.lightvla import TRAIN_PATHS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -102,7 +103,7 @@ def _train(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"model {source} does not fit the data in {args.data}: {'; '.join(bad)}")
     if args.pruner:
-        apply(model, [{"token_pruning": {"method": args.pruner}}])
+        apply(model, [{"token_pruning": {"method": args.pruner, "train_path": args.train_path}}])
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      val_every=args.val_every, save_every=args.save_every, warmup_steps=min(100, args.steps // 10 + 1))
     log = train(model, train_set, val_set, args.out, tc, compute_stats(train_set), resume=not args.no_resume)
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--val-every", type=int, default=500)
     tr.add_argument("--save-every", type=int, default=500)
     tr.add_argument("--pruner", choices=["lightvla"], help="train with a LightVLA pruner (noise decays 1 -> 0)")
+    tr.add_argument("--train-path", choices=TRAIN_PATHS, default="merge",
+                    help="what the LM sees while the pruner trains: merge (LightVLA: each patch replaced by its vote) "
+                         "or drop (the inference sequence, gradients still straight through)")
     tr.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     tr.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="closed-loop success on MetaWorld tasks; open-loop action error on demos")

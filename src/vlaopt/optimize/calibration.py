@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlaopt.config import VLAConfig
+from vlaopt.model.language import probe_arguments
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.recipe import RecipeStep, make_config
 
@@ -155,13 +156,14 @@ class LayerInput:
     mask: torch.Tensor
     rotary: tuple[torch.Tensor, torch.Tensor]
 
-    def run(self, module: nn.Module) -> torch.Tensor:
-        """The output of `module` (a decoder layer) on this input."""
+    def run(self, module: nn.Module, **kwargs: Any) -> torch.Tensor:
+        """The output of `module` (a decoder layer) on this input (`kwargs`: attention probes)."""
         return module(
             self.state.hidden,
             attention_mask=self.mask,
             position_ids=self.state.position_ids,
             position_embeddings=self.rotary,
+            **kwargs,
         )
 
 
@@ -186,7 +188,7 @@ def walk_layers(lm: Any, states: list[TokenState]) -> Iterator[tuple[int, nn.Mod
                     inputs[k] = LayerInput(state, state.attention_mask(), rotary)
             yield i, layer, inputs
             for inp in inputs:
-                inp.state.hidden = inp.run(layer)
+                inp.state.hidden = inp.run(layer, **probe_arguments(lm.hooks, i, inp.state))
 
 
 class CalibratedStep(RecipeStep):

@@ -82,6 +82,10 @@ class TokenPruner(nn.Module):
     """Base of all pruners: a hook with a config and a name in `PRUNERS`."""
 
     config_cls: ClassVar[type[PrunerConfig]] = PrunerConfig
+    # True for a pruner that ranks tokens by the attention of decoder layer `layer - 1`: the layer loop
+    # then hands that layer's queries and keys to `score_attention`, whose result the pruner finds in
+    # `state.received_attention`
+    reads_attention: ClassVar[bool] = False
 
     def __init__(self, cfg: PrunerConfig, model: nn.Module) -> None:
         super().__init__()

@@ -3,9 +3,12 @@
 Scoring: RMS-normed patches attend to the RMS-normed task tokens (everything after the visual
 segment), the result is RMS-normed again and scored against every patch: score[i, j] says how much
 patch i points at patch j. Inference: every patch votes for its argmax, and the kept set is the
-union of votes, so the number kept adapts to each frame. Training: nothing is dropped; each patch
-is replaced by the patch it votes for, through a straight-through one-hot/softmax merge, with
-uniform noise of scale `noise_scale` on the scores (decayed from 1 to 0 over training).
+union of votes, so the number kept adapts to each frame. Training (`train_path: merge`, the seed):
+nothing is dropped; each patch is replaced by the patch it votes for, through a straight-through
+one-hot/softmax merge, with uniform noise of scale `noise_scale` on the scores (decayed from 1 to 0
+over training). The LM then sees duplicates at the voters' positions, which inference never shows
+it; `train_path: drop` (ours) keeps the same straight-through merge but shows the LM exactly the
+inference sequence: each voted patch at its own slot and position, the other slots masked out.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ from vlaopt.model.layout import TokenState
 from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual
 
 
+TRAIN_PATHS = ("merge", "drop")
+
+
 @dataclass
 class LightVLAConfig(PrunerConfig):
     keep: float = 1.0  # unused: the kept count follows the votes
+    train_path: str = "merge"  # what the LM sees in training: "merge" (the seed) or "drop" (as in inference)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.keep != 1.0:
             raise ValueError(f"lightvla chooses how many tokens to keep itself; keep={self.keep!r} must stay 1.0")
+        if self.train_path not in TRAIN_PATHS:
+            raise ValueError(f"train_path={self.train_path!r}; expected one of {', '.join(TRAIN_PATHS)}")
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +63,13 @@ def straight_through_merge(scores: torch.Tensor, patches: torch.Tensor) -> torch
     hard = F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
     soft = scores.softmax(-1)
     return (hard + soft - soft.detach()) @ patches
+
+
+def first_voters(votes: torch.Tensor, voter_valid: torch.Tensor) -> torch.Tensor:
+    """For each patch j (B, P): the first valid patch i whose vote is j, or P where none votes for j."""
+    b, p = votes.shape
+    order = torch.arange(p, device=votes.device).expand(b, p).masked_fill(~voter_valid, p)
+    return torch.full_like(votes, p).scatter_reduce(1, votes, order, reduce="amin")
 
 
 @PRUNERS.register("lightvla")
@@ -87,10 +103,16 @@ class LightVLAPruner(TokenPruner):
             if self.noise_scale > 0:
                 scores = scores + torch.rand_like(scores) * self.noise_scale
             merged = straight_through_merge(scores, state.hidden[:, span])
+            valid = state.valid
+            if self.cfg.train_path == "drop":  # slot j holds patch j (through its first voter's merge) or is masked
+                voter = first_voters(scores.argmax(-1), valid[:, span])
+                voted = voter < merged.shape[1]
+                merged = merged.gather(1, voter.clamp(max=merged.shape[1] - 1)[..., None].expand_as(merged))
+                valid = torch.cat([valid[:, : span.start], valid[:, span] & voted, valid[:, span.stop :]], dim=1)
             return TokenState(
                 torch.cat([state.hidden[:, : span.start], merged, state.hidden[:, span.stop :]], dim=1),
                 state.position_ids,
-                state.valid,
+                valid,
                 state.layout,
                 state.bidirectional_actions,
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from vlaopt.optimize.layers.remove import has_attention
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
 from vlaopt.optimize.tokens.base import PRUNERS
 
@@ -23,6 +24,9 @@ class TokenPruningStep(RecipeStep):
         layers = len(model.lm.decoder.layers)
         if cfg.layer >= layers:
             raise ValueError(f"token_pruning layer={cfg.layer} is out of range; the LM has {layers} decoder layers")
+        if cls.reads_attention and not has_attention(model.lm.decoder.layers[cfg.layer - 1]):
+            raise ValueError(f"token_pruning {method} at layer={cfg.layer} ranks tokens by the attention of decoder "
+                             f"layer {cfg.layer - 1}, which was dropped")
         model.lm.hooks.append(cls(cfg, model).train(model.training))
         return {"method": method, **dataclasses.asdict(cfg)}
 
