@@ -264,18 +264,19 @@ def test_registry_lists_all_methods():
     assert PRUNERS.names() == ["divprune", "fastv", "lightvla", "pooling", "random"]
 
 
-def test_divprune_picks_the_greedy_max_min_set():
+@pytest.mark.parametrize("n,k", [(9, 4), (40, 5)])  # one N x N product; one product per pick (k <= N / 8)
+def test_divprune_picks_the_greedy_max_min_set(n, k):
     """Against a plain-Python greedy farthest-point selection, with a padded token never picked."""
     gen = torch.Generator().manual_seed(1)
-    features = torch.randn(2, 9, 6, generator=gen)
-    valid = torch.ones(2, 9, dtype=torch.bool)
+    features = torch.randn(2, n, 6, generator=gen)
+    valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, 4] = False
-    chosen = max_min_select(features, valid, 4)
+    chosen = max_min_select(features, valid, k)
     for b in range(2):
         x = torch.nn.functional.normalize(features[b], dim=-1)
         dist = 1 - x @ x.T
-        idx = [i for i in range(9) if valid[b, i]]
+        idx = [i for i in range(n) if valid[b, i]]
         picks = [max(idx, key=lambda i: sum(dist[i, j].item() for j in idx) / len(idx))]
-        while len(picks) < 4:
+        while len(picks) < k:
             picks.append(max((i for i in idx if i not in picks), key=lambda i: min(dist[i, j].item() for j in picks)))
         assert sorted(picks) == chosen[b].nonzero().flatten().tolist()

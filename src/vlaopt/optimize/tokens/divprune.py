@@ -16,27 +16,34 @@ def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch
 
     The first pick is the token with the largest mean distance to the valid tokens. Cosine distance
     is 1 - similarity, so the farthest token from the kept set is the one whose largest similarity
-    to it is smallest: the loop works on the similarity matrix (one product on the model's device)
-    and the first pick needs only each token's product with the sum of the valid tokens. The greedy
-    loop is k sequential steps of a few scalar-sized ops, so it runs on the host in numpy (per step
-    ~1 us instead of a ~3-10 us torch dispatch, or a kernel launch on a GPU)."""
+    to it is smallest, and each greedy step needs only the similarities to the token just kept. For
+    few picks (k <= N / 8) those come from one matrix-vector product per step (k N D multiply-adds);
+    for more, one N x N similarity product up front is cheaper than k small ones. The first pick
+    takes each token's product with the sum of the valid tokens. The k sequential steps are
+    scalar-sized work, so they run on the host in numpy (a torch dispatch per op, or a kernel launch
+    on a GPU, would cost more than the op)."""
     x = F.normalize(features.detach().float(), dim=-1)  # a discrete choice: no gradient
-    sim = x @ x.transpose(1, 2)  # (B, N, N)
     total = (x * valid[..., None]).sum(1, keepdim=True)  # (B, 1, D)
     mean_sim = (x * total).sum(-1) / valid.sum(-1, keepdim=True).clamp(min=1)
     first = mean_sim.masked_fill(~valid, np.inf).argmin(-1)  # largest mean distance
-    sim_np, valid_np, first_np = sim.cpu().numpy(), valid.cpu().numpy(), first.cpu().numpy()
+    x_np, valid_np, first_np = x.cpu().numpy(), valid.cpu().numpy(), first.cpu().numpy()
     rows = np.arange(valid_np.shape[0])
     chosen = np.zeros(valid_np.shape, dtype=bool)
-    chosen[rows, first_np] = True
+    sim_np = None if k <= valid_np.shape[1] // 8 else (x @ x.transpose(1, 2)).cpu().numpy()
+
+    def keep(picks: np.ndarray) -> np.ndarray:  # mark picks kept; their similarities to all (B, N)
+        chosen[rows, picks] = True
+        if sim_np is not None:
+            return sim_np[rows, picks]
+        return np.matmul(x_np, x_np[rows, picks][..., None])[..., 0]
+
     # largest similarity of every token to the kept set; kept and padding tokens are pinned at +inf
-    # (maximum keeps them there), so each greedy step is argmin, one row read, maximum, one write
-    max_sim = np.where(valid_np, sim_np[rows, first_np], np.inf)
+    # (maximum keeps them there), so each greedy step is argmin, one product, maximum, one write
+    max_sim = np.where(valid_np, keep(first_np), np.inf)
     max_sim[rows, first_np] = np.inf
     for _ in range(k - 1):
         nxt = max_sim.argmin(-1)
-        chosen[rows, nxt] = True
-        np.maximum(max_sim, sim_np[rows, nxt], out=max_sim)
+        np.maximum(max_sim, keep(nxt), out=max_sim)
         max_sim[rows, nxt] = np.inf
     return torch.from_numpy(chosen).to(valid.device) & valid
 
