@@ -10,9 +10,9 @@ tokens by the previous layer's attention without recomputing it).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch

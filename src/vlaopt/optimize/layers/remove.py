@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+
 class MLPOnlyLayer(nn.Module):
     """A decoder layer whose attention sublayer was dropped: `h + mlp(post_attention_layernorm(h))`.
 
