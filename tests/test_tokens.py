@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 from conftest import observations
 
 from vlaopt import VLA, VLAConfig, apply, load_recipe
@@ -181,6 +182,18 @@ def test_attention_probe_rows_reproduce_the_layer_attention(lm):
     torch.testing.assert_close(ours[valid], ref[valid], atol=1e-5, rtol=0)
     rows = state.layout.span("prompt")  # a block of rows equals those rows of the full matrix
     torch.testing.assert_close(attention_probs(query, key, mask, scaling, rows), probs[:, :, rows])
+
+
+@pytest.mark.parametrize("lm", FAMILIES)
+def test_the_probed_attention_is_transformers_sdpa(lm):
+    """With no probe passed, the registered attention function is SDPA: the HF model's own forward
+    (its masks included) gives what a copy built with attn_implementation="sdpa" gives."""
+    causal_lm = _model(lm).lm.causal_lm
+    assert causal_lm.config._attn_implementation == "vlaopt_sdpa"
+    ref = AutoModelForCausalLM.from_config(causal_lm.config, attn_implementation="sdpa").eval()
+    ref.load_state_dict(causal_lm.state_dict())
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13], [1, 8, 6, 4, 2, 3]])
+    torch.testing.assert_close(causal_lm(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
 
 
 def test_fastv_keeps_the_tokens_most_attended_in_the_layer_before():
