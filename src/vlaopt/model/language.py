@@ -48,11 +48,16 @@ def _sdpa_with_probe(
 AttentionInterface.register(ATTENTION, _sdpa_with_probe)
 
 
+def reads_attention(hook: nn.Module) -> bool:
+    """Whether a hook ranks tokens by the attention of the layer before it (FastV)."""
+    return getattr(hook, "reads_attention", False)
+
+
 def probe_arguments(hooks: Iterable[nn.Module], i: int, state: TokenState, timer: Any = NULL_TIMER) -> dict[str, Any]:
     """Extra keyword arguments for decoder layer `i` run on `state`: an `attention_probe` when a hook
     before layer i + 1 reads this layer's attention; it stores the hook's scores in
     `state.received_attention` (timed as `lm.prune`)."""
-    readers = [h for h in hooks if h.layer == i + 1 and getattr(h, "reads_attention", False)]
+    readers = [h for h in hooks if h.layer == i + 1 and reads_attention(h)]
     if not readers:
         return {}
 

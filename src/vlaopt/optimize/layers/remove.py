@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlaopt.model.language import reads_attention
+
 
 class MLPOnlyLayer(nn.Module):
     """A decoder layer whose attention sublayer was dropped: `h + mlp(post_attention_layernorm(h))`.
@@ -61,11 +63,6 @@ def renumber_attention(lm: Any) -> None:
     for i, attention in enumerate(attentions):
         attention.layer_idx = i
     config.num_hidden_layers = len(attentions)
-
-
-def reads_attention(hook: nn.Module) -> bool:
-    """Whether a token-pruning hook ranks tokens by the attention of the layer before it (FastV)."""
-    return getattr(hook, "reads_attention", False)
 
 
 def attention_in_use(lm: Any) -> set[int]:

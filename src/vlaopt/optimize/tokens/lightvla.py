@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from vlaopt.model.layout import TokenState
-from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual
+from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual, replace_visual
 
 
 TRAIN_PATHS = ("merge", "drop")
@@ -99,23 +99,15 @@ class LightVLAPruner(TokenPruner):
     def forward(self, state: TokenState) -> TokenState:
         span = state.layout.span("visual")
         scores = self._scores(state)
+        vis_valid = state.valid[:, span]
         if self.training:
             if self.noise_scale > 0:
                 scores = scores + torch.rand_like(scores) * self.noise_scale
             merged = straight_through_merge(scores, state.hidden[:, span])
-            valid = state.valid
             if self.cfg.train_path == "drop":  # slot j holds patch j (through its first voter's merge) or is masked
-                voter = first_voters(scores.argmax(-1), valid[:, span])
-                voted = voter < merged.shape[1]
+                voter = first_voters(scores.argmax(-1), vis_valid)
                 merged = merged.gather(1, voter.clamp(max=merged.shape[1] - 1)[..., None].expand_as(merged))
-                valid = torch.cat([valid[:, : span.start], valid[:, span] & voted, valid[:, span.stop :]], dim=1)
-            return TokenState(
-                torch.cat([state.hidden[:, : span.start], merged, state.hidden[:, span.stop :]], dim=1),
-                state.position_ids,
-                valid,
-                state.layout,
-                state.bidirectional_actions,
-            )
-        vis_valid = state.valid[:, span]
+                vis_valid = vis_valid & (voter < merged.shape[1])
+            return replace_visual(state, merged, state.position_ids[:, span], vis_valid)
         counts = torch.zeros(vis_valid.shape, device=scores.device).scatter_add_(1, scores.argmax(-1), vis_valid.float())
         return keep_visual(state, counts > 0)
