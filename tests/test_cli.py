@@ -38,7 +38,7 @@ def test_optimize_applies_a_yaml_recipe(tmp_path, capsys):
                        reference.predict_action(images, instructions, proprio))
 
 
-def test_collect_then_train_from_the_command_line(tmp_path):
+def test_collect_then_train_from_the_command_line(tmp_path, capsys):
     pytest.importorskip("metaworld")
     data = tmp_path / "data"
     assert main(["collect", "--tasks", "reach-v3", "--episodes-per-task", "2", "--out", str(data), "--workers", "0",
@@ -61,10 +61,38 @@ def test_collect_then_train_from_the_command_line(tmp_path):
     assert tuned.config.recipe == [{"token_pruning": expected}]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[name], value, atol=1e-6, rtol=0)
-    with pytest.raises(SystemExit, match=r"needs exactly one of --config \(a new model\) or --init"):
-        main(["train", "--data", str(data), "--config", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path / "m"),
-              "--out", str(tmp_path / "m2")])
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--config", str(tmp_path / "cfg.yaml"), "--init", str(tmp_path / "m"),
+                 "--out", str(tmp_path / "m2")]) == 2
+    assert "vla-opt: error: vla-opt train needs exactly one of --config (a new model) or --init" in capsys.readouterr().err
     bad = VLAConfig.tiny(cameras=1, proprio_dim=4, action_dim=4)
     bad.save(tmp_path / "bad.yaml")
-    with pytest.raises(SystemExit, match=r"does not fit the data .*: cameras=1 but the data has 2"):
-        main(["train", "--data", str(data), "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "m2")])
+    assert main(["train", "--data", str(data), "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "m2")]) == 2
+    assert "does not fit the data" in capsys.readouterr().err
+
+
+def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, capsys):
+    assert main(["optimize", "--model", str(tmp_path / "nowhere"), "--recipe", "r.yaml", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"vla-opt: error: recipe file r.yaml does not exist\n"
+    assert "Traceback" not in err
+    with pytest.raises(FileNotFoundError, match="recipe file r.yaml does not exist"):
+        main(["--debug", "optimize", "--model", str(tmp_path / "nowhere"), "--recipe", "r.yaml", "--out", "o"])
+
+
+def test_every_option_states_its_default():
+    import argparse
+
+    from vlaopt.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"vla-opt {name} {action.option_strings[0]} has no help"
+            text = formatter._get_help_string(action)
+            assert action.required or "(default" in text, f"vla-opt {name} {action.option_strings[0]}: {text!r}"
+        assert "(default: " in sub.format_help()

@@ -89,7 +89,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlaopt.train.trainer import TrainConfig, train
 
     if (args.config is None) == (args.init is None):
-        raise SystemExit("vla-opt train needs exactly one of --config (a new model) or --init (fine-tune a saved one)")
+        raise UsageError("vla-opt train needs exactly one of --config (a new model) or --init (fine-tune a saved one)")
     model = VLA.from_pretrained(args.init) if args.init else VLA(VLAConfig.load(args.config))
     cfg, source = model.config, args.init or args.config
     train_set = EpisodeDataset(args.data, "train", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
@@ -101,7 +101,7 @@ def _train(args: argparse.Namespace) -> int:
               "action_dim": cfg.action_dim}
     bad = [f"{k}={wanted[k]} but the data has {found[k]}" for k in wanted if wanted[k] != found[k]]
     if bad:
-        raise SystemExit(f"model {source} does not fit the data in {args.data}: {'; '.join(bad)}")
+        raise UsageError(f"model {source} does not fit the data in {args.data}: {'; '.join(bad)}")
     if args.pruner:
         apply(model, [{"token_pruning": {"method": args.pruner, "train_path": args.train_path}}])
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -133,7 +133,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         tasks = args.tasks or ("default" if args.model == "default" else None)
         if tasks is None:
-            raise SystemExit(f"--success needs --tasks (MetaWorld tasks to run) for model {args.model}")
+            raise UsageError(f"--success needs --tasks (MetaWorld tasks to run) for model {args.model}")
         success = (resolve_tasks(tasks), EvalConfig(episodes=args.episodes, execute=args.execute, seed=args.seed,
                                                     workers=args.workers, max_steps=args.max_steps))
     model = VLA.from_pretrained(model_dir, device=args.device)
@@ -165,7 +165,7 @@ def _eval(args: argparse.Namespace) -> int:
     from vlaopt.model.vla import VLA
 
     if not args.tasks and not args.data:
-        raise SystemExit("vla-opt eval needs --tasks (closed loop), --data (open loop), or both")
+        raise UsageError("vla-opt eval needs --tasks (closed loop), --data (open loop), or both")
     console = Console()
     if args.data:
         from vlaopt.eval.open_loop import open_loop_error
@@ -196,9 +196,32 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(ValueError):
+    """A command-line request that cannot be carried out as given (printed as one line, exit status 2)."""
+
+
+USER_ERRORS = (ValueError, KeyError, OSError, UsageError)
+"""Exceptions that mean bad input (a value, a file, a name): one line on stderr, no traceback."""
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help that states every option's default: `(default: X)` is appended unless the help already
+    has a `(default...` remark, or the option is required; a flag's default is `off`."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required or "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        return f"{text} (default: {'none' if action.default is None else '%(default)s'})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="vla-opt", description="Make VLA policies fast, and measure the cost.",
+                                     formatter_class=_Formatter)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class())
     demo = sub.add_parser("demo", help="build a tiny VLA and time one action chunk, stage by stage")
     demo.add_argument("--lm", choices=LM_FAMILIES, default="llama")
     demo.add_argument("--head", choices=HEAD_KINDS, default="l1")
@@ -282,9 +305,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser_class() -> type[argparse.ArgumentParser]:
+    """Sub-command parsers that state defaults in their help too."""
+
+    class Parser(argparse.ArgumentParser):
+        def __init__(self, **kwargs: object) -> None:
+            kwargs.setdefault("formatter_class", _Formatter)
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    return Parser
+
+
+def error_line(error: BaseException) -> str:
+    """The one-line message of a user error (a KeyError's message without the quotes str() adds)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(message).split())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one `vla-opt` command; a user error prints `vla-opt: error: ...` and returns 2 (`--debug`
+    raises it with its traceback instead)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as error:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: {error_line(error)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
