@@ -1,7 +1,8 @@
 """Stage timing of one inference: wall-clock perf counters on CPU, CUDA events on GPU.
 
 `predict_action(..., timer=StageTimer())` records the time of each named stage; with no timer the
-model uses `NULL_TIMER`, which costs nothing.
+model uses `vlaopt.utils.timer.NULL_TIMER`, which costs nothing. `StageTimer` implements the
+`vlaopt.utils.timer.Timer` protocol.
 """
 
 from __future__ import annotations
@@ -43,12 +44,3 @@ class StageTimer:
                 self.seconds[name] = self.seconds.get(name, 0.0) + start.elapsed_time(end) / 1000.0
             self._events.clear()
         return dict(self.seconds)
-
-
-class _NullTimer:
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        yield
-
-
-NULL_TIMER = _NullTimer()

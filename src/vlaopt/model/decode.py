@@ -1,7 +1,7 @@
 """Token-by-token decoding with the VLM over a `KVCache`: reasoning text before acting (Alpamayo-R1's
 chain of causation) and discretised action tokens (the autoregressive-trajectory comparison).
 
-Each step feeds one token per sample through the decoder layers (no pruning hooks: they act on the
+Each step feeds one token per sample through the layer loop (no pruning hooks: they act on the
 prefix) at the sample's next original position; its keys/values are appended to the cache, and a
 sample that has stopped appends an invalid (masked) slot, so a batch gives each sample's solo result.
 """
@@ -17,8 +17,11 @@ from transformers import (
 )
 
 from vlaopt.model.kv_cache import KVCache
-from vlaopt.model.language import LanguageModel
-from vlaopt.model.layout import TokenState
+from vlaopt.model.language import LanguageModel, LayerLoop
+from vlaopt.model.layout import Layout, TokenState
+
+ONE_TOKEN = Layout(visual=0, proprio=0, prompt=1, action=0, bos=0, stop=0)
+"""The layout of one decoded token: it continues the text after the cached prefix."""
 
 
 def next_positions(state: TokenState) -> torch.Tensor:
@@ -35,21 +38,10 @@ def last_token_logits(lm: LanguageModel, final: TokenState) -> torch.Tensor:
 def decode_step(lm: LanguageModel, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Feed one token per sample (`ids` (B,), `valid` (B,) False for samples that have stopped) and
     return the next-token logits (B, V); the cache grows by one slot per layer."""
-    decoder = lm.decoder
-    hidden = lm.embed(ids[:, None])
-    positions = cache.next_position[:, None]
-    rotary = decoder.rotary_emb(hidden, position_ids=positions)
-    cache.expect(valid[:, None])
-    for layer in decoder.layers:
-        attention = getattr(layer, "self_attn", None)  # layers whose attention was dropped have none
-        mask = None
-        if attention is not None:
-            keys = torch.cat([cache.valid[attention.layer_idx], valid[:, None]], dim=1)
-            mask = keys[:, None, None, :]
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary,
-                       past_key_values=cache)
+    token = TokenState(lm.embed(ids[:, None]), cache.next_position[:, None], valid[:, None], ONE_TOKEN)
+    final = LayerLoop(lm, token, cache, hooks=()).run()
     cache.next_position = cache.next_position + valid.long()
-    return lm.lm_head(decoder.norm(hidden))[:, 0]
+    return lm.lm_head(lm.decoder.norm(final.hidden))[:, 0]
 
 
 def text_processors(forbidden: list[int], temperature: float, top_p: float, device: torch.device) -> LogitsProcessorList:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlaopt.bench.timer import NULL_TIMER
+from vlaopt.utils.timer import NULL_TIMER
 from vlaopt.model.decode import (
     decode_action_bins,
     generate_text,

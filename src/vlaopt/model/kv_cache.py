@@ -6,8 +6,10 @@ key-validity mask (B, S_l). S_l may differ between layers: a token-pruning hook 
 leaves the later layers fewer keys, and padding (prompts of different lengths, tokens kept in
 different numbers, samples that stopped decoding) is marked invalid rather than removed.
 
-The cache speaks transformers' cache protocol (`update(key_states, value_states, layer_idx)`), so
-the HF attention modules of our layer loop fill it themselves; `ExpertKV` is a read-only view that
+The cache speaks transformers' cache protocol: its attention modules call
+`cache.update(key_states, value_states, layer_idx, kwargs=...)` (5.24; extra positional and keyword
+arguments are accepted and ignored), so they fill it themselves; tests/test_language.py checks it
+against transformers' own DynamicCache on every LM family we support. `ExpertKV` is a read-only view that
 hands the expert the prefix keys of its paired VLM layer and stores nothing, so flow steps never
 grow the cache.
 """
@@ -32,7 +34,7 @@ class KVCache:
         self._incoming = valid
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object, **__: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' cache protocol: append one layer's new keys/values and return all of them."""
         incoming = self._incoming
@@ -47,6 +49,14 @@ class KVCache:
         else:
             self.keys[layer_idx], self.values[layer_idx], self.valid[layer_idx] = key_states, value_states, incoming
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def with_past(self, layer_idx: int, mask: torch.Tensor) -> torch.Tensor:
+        """The boolean mask (B, 1, T, S_past + T) of new tokens whose own mask is `mask` (B, 1, T, T):
+        every valid cached key of attention layer `layer_idx` first (none before the first update)."""
+        if layer_idx not in self.valid:
+            return mask
+        past = self.valid[layer_idx][:, None, None, :].expand(-1, 1, mask.shape[2], -1)
+        return torch.cat([past, mask], dim=-1)
 
     @property
     def layers(self) -> list[int]:
@@ -69,7 +79,7 @@ class ExpertKV:
         self.layer_map = layer_map
 
     def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object, **__: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         src = self.layer_map[layer_idx]
         keys = torch.cat([self.cache.keys[src], key_states], dim=2)

@@ -5,13 +5,15 @@ instead of the HF model's forward, so that hooks between layers can drop or merg
 kept tokens keep their original position ids. Nothing inside `transformers` is patched: the LM runs
 on SDPA through an attention function registered with transformers' `AttentionInterface`, which
 also hands a layer's post-RoPE queries and keys to a probe when the loop passes one (FastV ranks
-tokens by the previous layer's attention without recomputing it).
+tokens by the previous layer's attention without recomputing it). `LayerLoop` is the one loop over
+the decoder layers: the forward pass, calibration (optimize/calibration.py) and token-by-token
+decoding (decode.py) all run it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,11 @@ from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from vlaopt.bench.timer import NULL_TIMER
 from vlaopt.config import LMConfig
+from vlaopt.model.hooks import LayerHook
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
+from vlaopt.utils.timer import NULL_TIMER, Timer
 
 
 ATTENTION = "vlaopt_sdpa"
@@ -48,26 +51,6 @@ def _sdpa_with_probe(
 AttentionInterface.register(ATTENTION, _sdpa_with_probe)
 
 
-def reads_attention(hook: nn.Module) -> bool:
-    """Whether a hook ranks tokens by the attention of the layer before it (FastV)."""
-    return getattr(hook, "reads_attention", False)
-
-
-def probe_arguments(hooks: Iterable[nn.Module], i: int, state: TokenState, timer: Any = NULL_TIMER) -> dict[str, Any]:
-    """Extra keyword arguments for decoder layer `i` run on `state`: an `attention_probe` when a hook
-    before layer i + 1 reads this layer's attention; it stores the hook's scores in
-    `state.received_attention` (timed as `lm.prune`)."""
-    readers = [h for h in hooks if h.layer == i + 1 and reads_attention(h)]
-    if not readers:
-        return {}
-
-    def probe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float | None) -> None:
-        with timer.stage("lm.prune"), torch.no_grad():
-            state.received_attention = readers[0].score_attention(state, query, key, mask, scaling)
-
-    return {"attention_probe": probe}
-
-
 def build_hf_config(cfg: LMConfig) -> PretrainedConfig:
     """The HF config of the LM: from `hf_config`, else from the `pretrained` directory."""
     if cfg.hf_config:
@@ -88,12 +71,109 @@ def build_causal_lm(cfg: LMConfig, load_weights: bool) -> PreTrainedModel:
     return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation=ATTENTION)
 
 
-class LanguageModel(nn.Module):
-    """A HF causal LM run through our layer loop.
+def attention_of(layer: nn.Module) -> nn.Module | None:
+    """The attention module of a decoder layer, or None where it was dropped (layers/remove.py)."""
+    return getattr(layer, "self_attn", None)
 
-    `hooks` holds modules with an int attribute `layer`; each is called as `hook(state) -> state`
-    right before decoder layer `layer` and may rewrite the token state (e.g. prune visual tokens).
-    A hook with `reads_attention` also sees the attention of layer `layer - 1` (`probe_arguments`).
+
+def call_layer(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    cache: Any = None,
+    **attention_kwargs: Any,
+) -> torch.Tensor:
+    """Run one HF decoder layer: the only place that knows its calling convention. transformers >= 5.24
+    takes the cache as `cache=` (`past_key_values=` is deprecated) and calls
+    `cache.update(key, value, layer_idx, kwargs=...)`; tests/test_language.py pins both."""
+    return layer(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary, cache=cache,
+                 **attention_kwargs)
+
+
+@dataclass
+class LayerInput:
+    """What decoder layer `index` receives: the token state entering it, its mask and rotary tables."""
+
+    index: int
+    state: TokenState
+    mask: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor]
+
+    def run(self, module: nn.Module, **attention_kwargs: Any) -> torch.Tensor:
+        """The output of `module` (this decoder layer, or a variant of it) on this input, without a cache."""
+        return call_layer(module, self.state.hidden, self.mask, self.state.position_ids, self.rotary,
+                          **attention_kwargs)
+
+
+class LayerLoop:
+    """The one loop over the decoder layers, shared by the forward pass, calibration and decoding.
+
+    Iterating yields each layer's `LayerInput` right before the layer runs, so a consumer may change
+    the layer first (sequential calibration); resuming runs it. Before layer i the hooks at i rewrite
+    the state (then mask and rotary tables are rebuilt); a layer whose attention a hook observes gets
+    an `attention_probe`. With a `cache`, each attention layer appends the keys/values of the tokens
+    it sees (with their validity) and attends to what the cache already holds for it. `state` is the
+    current token state (after the last layer once the loop is exhausted; the final norm is not
+    applied)."""
+
+    def __init__(
+        self, lm: LanguageModel, state: TokenState, cache: KVCache | None = None,
+        hooks: Sequence[LayerHook] | None = None, timer: Timer = NULL_TIMER,
+    ) -> None:
+        self.lm, self.cache, self.timer = lm, cache, timer
+        self.hooks = list(lm.hooks if hooks is None else hooks)
+        self.state = replace(state)
+
+    def __iter__(self) -> Iterator[LayerInput]:
+        decoder = self.lm.decoder
+        state = self.state
+        mask, rotary = state.attention_mask(), decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+        for i, layer in enumerate(decoder.layers):
+            at_layer = [hook for hook in self.hooks if hook.layer == i]
+            if at_layer:
+                with self.timer.stage("lm.prune"):
+                    for hook in at_layer:
+                        state = hook(state)
+                    mask = state.attention_mask()
+                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+                self.state = state
+            yield LayerInput(i, state, mask, rotary)
+            attention = attention_of(layer)
+            layer_mask = mask
+            if self.cache is not None:
+                self.cache.expect(state.valid)
+                if attention is not None:
+                    layer_mask = self.cache.with_past(attention.layer_idx, mask)
+            state.hidden = call_layer(layer, state.hidden, layer_mask, state.position_ids, rotary, self.cache,
+                                      **self._probe(i, state))
+
+    def _probe(self, i: int, state: TokenState) -> dict[str, Any]:
+        """`attention_probe` for layer i when hooks observe its attention (timed as `lm.prune`)."""
+        observers = [hook for hook in self.hooks if i in hook.observed_layers()]
+        if not observers:
+            return {}
+
+        def probe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float | None) -> None:
+            with self.timer.stage("lm.prune"), torch.no_grad():
+                for hook in observers:
+                    hook.observe_attention(i, state, query, key, mask, scaling)
+
+        return {"attention_probe": probe}
+
+    def run(self) -> TokenState:
+        """Run every layer; the state after the last one (before the final norm)."""
+        for _ in self:
+            pass
+        return self.state
+
+
+class LanguageModel(nn.Module):
+    """A HF causal LM run through our layer loop (`LayerLoop`).
+
+    `hooks` holds `LayerHook`s (model/hooks.py); each runs right before decoder layer `hook.layer`
+    and may rewrite the token state (e.g. prune visual tokens).
     """
 
     def __init__(self, causal_lm: PreTrainedModel) -> None:
@@ -119,28 +199,12 @@ class LanguageModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings()(hidden)
 
-    def forward(self, state: TokenState, timer: Any = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
+    def forward(self, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
         """Run all decoder layers (and hooks) and the final norm; returns a new final token state.
 
         Hook time is recorded under the stage `lm.prune` (a part of the caller's `lm` stage). With a
         `cache`, each attention layer appends the keys/values of the tokens it saw (with their
         validity) to it, for the action expert and for decoding."""
-        decoder = self.decoder
-        state = replace(state)
-        rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-        mask = state.attention_mask()
-        for i, layer in enumerate(decoder.layers):
-            for hook in self.hooks:
-                if hook.layer == i:
-                    with timer.stage("lm.prune"):
-                        state = hook(state)
-                        rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-                        mask = state.attention_mask()
-            if cache is not None:
-                cache.expect(state.valid)
-            state.hidden = layer(
-                state.hidden, attention_mask=mask, position_ids=state.position_ids, position_embeddings=rotary,
-                past_key_values=cache, **probe_arguments(self.hooks, i, state, timer),
-            )
-        state.hidden = decoder.norm(state.hidden)
+        state = LayerLoop(self, state, cache, timer=timer).run()
+        state.hidden = self.decoder.norm(state.hidden)
         return state

@@ -54,8 +54,6 @@ class TokenState:
     valid: torch.Tensor  # (B, S) bool; False for padding
     layout: Layout
     bidirectional_actions: bool = True
-    # (B, Nv) attention the visual tokens received in the layer just run, when a hook asked for it
-    received_attention: torch.Tensor | None = None
 
     def attention_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean (B, 1, S, S) mask, True where a query may attend a key: causal over valid keys,

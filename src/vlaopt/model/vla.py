@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from vlaopt.bench.timer import NULL_TIMER, StageTimer
 from vlaopt.config import VLAConfig
 from vlaopt.model.checkpoint import CheckpointError, load_weights, save_weights
 from vlaopt.model.expert_policy import act, expert_loss
@@ -35,6 +34,7 @@ from vlaopt.model.normalize import BoundsNormalizer
 from vlaopt.model.tokenizer import load_tokenizer, special_ids
 from vlaopt.model.vision import VisionEncoder, mlp_projector
 from vlaopt.utils.io import atomic_write_text
+from vlaopt.utils.timer import NULL_TIMER, Timer
 
 CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "stats.json"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -256,7 +256,7 @@ class VLA(nn.Module):
         *,
         noise: torch.Tensor | None = None,
         seed: int = 0,
-        timer: StageTimer | None = None,
+        timer: Timer | None = None,
     ) -> torch.Tensor:
         """Unnormalized actions (B, chunk, action_dim) for a batch of observations.
 

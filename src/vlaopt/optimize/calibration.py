@@ -5,9 +5,9 @@ Observations are batches `(images uint8 (B, cams, H, W, 3), instructions (B stri
 None)`. A recipe step names where they come from in `calibration: {samples, source, ...}`:
 `given` (the observations passed as `apply(model, recipe, calibration=...)`), `episodes` (frames drawn
 from a collection written by `vla-opt collect`, at `path`), or `random` (synthetic observations, used
-only when asked for by name). `walk_layers` then steps the encoded token states through the decoder
-one layer at a time, running the model's token-pruning hooks where `LanguageModel.forward` runs them,
-so a method may change layer i before layer i + 1 sees its output (sequential calibration).
+only when asked for by name). `walk_layers` then steps the encoded token states through the model's
+own `LayerLoop` one layer at a time (token-pruning hooks where the forward pass runs them), so a
+method may change layer i before layer i + 1 sees its output (sequential calibration).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vlaopt.config import VLAConfig
-from vlaopt.model.language import probe_arguments
+from vlaopt.model.language import LayerInput, LayerLoop
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.recipe import RecipeStep, make_config
 
@@ -148,47 +148,17 @@ def encode_observations(model: Any, observations: Iterable[Observation]) -> list
     return states
 
 
-@dataclass
-class LayerInput:
-    """What one decoder layer receives for one calibration batch."""
-
-    state: TokenState  # hidden states entering the layer, with positions and validity
-    mask: torch.Tensor
-    rotary: tuple[torch.Tensor, torch.Tensor]
-
-    def run(self, module: nn.Module, **kwargs: Any) -> torch.Tensor:
-        """The output of `module` (a decoder layer) on this input (`kwargs`: attention probes)."""
-        return module(
-            self.state.hidden,
-            attention_mask=self.mask,
-            position_ids=self.state.position_ids,
-            position_embeddings=self.rotary,
-            **kwargs,
-        )
-
-
 def walk_layers(lm: Any, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:
-    """Yield `(i, layer, inputs)` for each decoder layer in order, as `LanguageModel.forward` would
-    feed it (token-pruning hooks applied). When the consumer resumes the walk, every input is run
-    through the layer as it is then, so changes made to layer i reach layer i + 1. The list of layers
-    must not change during the walk. The `states` are advanced in place."""
-    decoder = lm.decoder
+    """Yield `(i, layer, inputs)` for each decoder layer in order: the input of every calibration
+    batch as the model's `LayerLoop` feeds it (token-pruning hooks applied). When the consumer
+    resumes the walk, every input is run through the layer as it is then, so changes made to layer i
+    reach layer i + 1. The list of layers must not change during the walk."""
     with torch.no_grad():
-        inputs = [
-            LayerInput(s, s.attention_mask(), decoder.rotary_emb(s.hidden, position_ids=s.position_ids)) for s in states
-        ]
-        for i, layer in enumerate(decoder.layers):
-            hooks = [hook for hook in lm.hooks if hook.layer == i]
-            for k, inp in enumerate(inputs):
-                state = inp.state
-                for hook in hooks:
-                    state = hook(state)
-                if hooks:
-                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
-                    inputs[k] = LayerInput(state, state.attention_mask(), rotary)
-            yield i, layer, inputs
-            for inp in inputs:
-                inp.state.hidden = inp.run(layer, **probe_arguments(lm.hooks, i, inp.state))
+        loops = [iter(LayerLoop(lm, state)) for state in states]
+        for i, layer in enumerate(lm.decoder.layers):
+            yield i, layer, [next(loop) for loop in loops]
+        for loop in loops:  # run the last layer
+            next(loop, None)
 
 
 class CalibratedStep(RecipeStep):

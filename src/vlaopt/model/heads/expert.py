@@ -30,6 +30,7 @@ from vlaopt.config import HeadConfig
 from vlaopt.model.heads.base import HEADS
 from vlaopt.model.heads.mlp import time_embedding
 from vlaopt.model.kv_cache import ExpertKV, KVCache
+from vlaopt.model.language import call_layer
 
 
 def kv_layer_map(choice: str, num_layers: int) -> list[int]:
@@ -137,11 +138,8 @@ class ExpertHead(nn.Module):
     def velocity(self, ctx: ExpertContext, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Predicted velocity (B, chunk, A) of noisy actions `x` at flow times `t` (B,)."""
         hidden = self.action_in(x, t)
-        for j, layer in enumerate(self.expert.layers):
-            hidden = layer(
-                hidden, attention_mask=ctx.masks[j], position_ids=ctx.positions, position_embeddings=ctx.rotary,
-                past_key_values=ctx.kv,
-            )
+        for j, layer in enumerate(self.expert.layers):  # the expert's own layers, over the VLM's cache
+            hidden = call_layer(layer, hidden, ctx.masks[j], ctx.positions, ctx.rotary, ctx.kv)
         return self.action_out(self.expert.norm(hidden))
 
     def sample(self, cache: KVCache, noise: torch.Tensor) -> torch.Tensor:

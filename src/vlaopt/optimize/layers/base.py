@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vlaopt.model.layout import TokenState
-from vlaopt.optimize.layers.remove import attention_in_use, drop_attention, has_attention, remove_blocks
+from vlaopt.model.hooks import observed_attention
+from vlaopt.optimize.layers.remove import drop_attention, has_attention, remove_blocks
 from vlaopt.utils.registry import Registry
 
 LAYER_METHODS: Registry[type[LayerMethod]] = Registry("layer pruning method")
@@ -53,7 +54,7 @@ class AttentionMethod(LayerMethod):
     """Methods that drop attention sublayers and keep their MLPs."""
 
     def candidates(self, model: Any) -> list[int]:
-        in_use = attention_in_use(model.lm)
+        in_use = observed_attention(model.lm.hooks)
         return [i for i, layer in enumerate(model.lm.decoder.layers) if has_attention(layer) and i not in in_use]
 
     def remove(self, model: Any, indices: list[int]) -> None:

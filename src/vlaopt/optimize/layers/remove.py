@@ -5,9 +5,8 @@ After a removal the live HF config (`model.lm.causal_lm.config`) describes what 
 lists theirs, and their `layer_idx` run 0..n-1, so a transformers cache built from that config keeps
 one slot per remaining attention module and none for a removed one. `model.config.lm.hf_config` is
 left as built: it is what `rebuild` starts from. Token-pruning hooks keep their place in the
-residual stream: a hook before a removed block moves to the next remaining one. A hook that reads
-attention (FastV) ranks tokens by the attention of the layer right before it, so that attention is
-never dropped.
+residual stream: a hook before a removed block moves to the next remaining one. A decoder layer
+whose attention a hook observes (FastV's layer before it, `LayerHook.observed_layers`) keeps it.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlaopt.model.language import reads_attention
 
 
 class MLPOnlyLayer(nn.Module):
@@ -65,11 +63,6 @@ def renumber_attention(lm: Any) -> None:
     config.num_hidden_layers = len(attentions)
 
 
-def attention_in_use(lm: Any) -> set[int]:
-    """Decoder layers whose attention a token-pruning hook reads (the layer before a FastV hook)."""
-    return {hook.layer - 1 for hook in lm.hooks if reads_attention(hook)}
-
-
 def remove_blocks(model: Any, indices: Sequence[int]) -> None:
     """Remove whole decoder blocks `indices` (current numbering); at least one block must remain."""
     lm = model.lm
@@ -85,11 +78,11 @@ def remove_blocks(model: Any, indices: Sequence[int]) -> None:
                 f"a token-pruning hook runs before decoder layer {hook.layer}, but removing blocks {removed} leaves "
                 "no layer after it; remove fewer blocks or prune tokens earlier"
             )
-        if reads_attention(hook) and (new == 0 or not has_attention(layers[kept[new - 1]])):
+        if hook.observed_layers() and (new == 0 or not has_attention(layers[kept[new - 1]])):
             before = "no layer" if new == 0 else f"decoder layer {kept[new - 1]}, whose attention was dropped,"
             raise ValueError(
-                f"removing blocks {removed} leaves {before} right before the fastv hook; fastv ranks tokens by the "
-                "attention of that layer"
+                f"removing blocks {removed} leaves {before} right before the {hook.name} hook; it ranks tokens by "
+                "the attention of that layer"
             )
     for hook, new in zip(lm.hooks, moved, strict=True):
         hook.layer = new
@@ -99,15 +92,17 @@ def remove_blocks(model: Any, indices: Sequence[int]) -> None:
 
 def drop_attention(model: Any, indices: Sequence[int]) -> None:
     """Replace decoder layers `indices` by their MLP part (`MLPOnlyLayer`); each must still have
-    attention, and none may be the layer whose attention a fastv hook reads."""
+    attention, and none may be a layer whose attention a hook observes (the layer before FastV's)."""
     lm = model.lm
     layers = lm.decoder.layers
     indices = _check_indices(indices, len(layers), "dropped attention")
     for i in indices:
         if not has_attention(layers[i]):
             raise ValueError(f"decoder layer {i} has no attention sublayer left to drop")
-        if i in attention_in_use(lm):
-            raise ValueError(f"decoder layer {i} keeps its attention: the fastv hook after it ranks tokens with it")
+        observers = [hook.name for hook in lm.hooks if i in hook.observed_layers()]
+        if observers:
+            raise ValueError(f"decoder layer {i} keeps its attention: the {observers[0]} hook after it ranks tokens "
+                             "with it")
     for i in indices:
         layers[i] = MLPOnlyLayer(layers[i].post_attention_layernorm, layers[i].mlp)
     renumber_attention(lm)

@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from vlaopt.model.hooks import LayerHook
 from vlaopt.model.layout import TokenState
 from vlaopt.utils.registry import Registry
 
@@ -78,16 +79,14 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.scatter(1, scores.topk(k, dim=1).indices, True)
 
 
-class TokenPruner(nn.Module):
-    """Base of all pruners: a hook with a config and a name in `PRUNERS`."""
+class TokenPruner(LayerHook):
+    """Base of all pruners: a layer-loop hook (model/hooks.py) with a config and a name in `PRUNERS`."""
 
     config_cls: ClassVar[type[PrunerConfig]] = PrunerConfig
-    # True for a pruner that ranks tokens by the attention of decoder layer `layer - 1`: the layer loop
-    # then hands that layer's queries and keys to `score_attention`, whose result the pruner finds in
-    # `state.received_attention`
-    reads_attention: ClassVar[bool] = False
+    # True for a pruner that works on the whole patch grid of every camera (pooling): no earlier
+    # hook may have changed the visual segment it sees
+    needs_full_grid: ClassVar[bool] = False
 
     def __init__(self, cfg: PrunerConfig, model: nn.Module) -> None:
-        super().__init__()
+        super().__init__(cfg.layer)
         self.cfg = cfg
-        self.layer = cfg.layer

@@ -50,6 +50,8 @@ def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch
 
 @PRUNERS.register("divprune")
 class DivPrune(TokenPruner):
+    name = "divprune"
+
     def forward(self, state: TokenState) -> TokenState:
         span = state.layout.span("visual")
         k = keep_count(state.layout.visual, self.cfg.keep)

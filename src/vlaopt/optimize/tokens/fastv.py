@@ -66,18 +66,28 @@ def received_attention(
 
 @PRUNERS.register("fastv")
 class FastVPruner(TokenPruner):
-    config_cls = FastVConfig
-    reads_attention = True
+    """Ranks by the attention of decoder layer `layer - 1`, which it observes through the layer loop."""
 
-    def score_attention(
-        self, state: TokenState, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float | None
-    ) -> torch.Tensor:
-        return received_attention(state, query, key, mask, scaling)
+    name = "fastv"
+    config_cls = FastVConfig
+
+    def __init__(self, cfg: FastVConfig, model: object) -> None:
+        super().__init__(cfg, model)
+        self.scores: torch.Tensor | None = None  # (B, Nv) from the observed layer, consumed by forward
+
+    def observed_layers(self) -> tuple[int, ...]:
+        return (self.layer - 1,)
+
+    def observe_attention(
+        self, layer: int, state: TokenState, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor,
+        scaling: float | None,
+    ) -> None:
+        self.scores = received_attention(state, query, key, mask, scaling)
 
     def forward(self, state: TokenState) -> TokenState:
         layout = state.layout
         span = layout.span("visual")
-        scores = state.received_attention
+        scores, self.scores = self.scores, None  # scores of one pass only: never reused by the next call
         if scores is None or tuple(scores.shape) != (state.hidden.shape[0], layout.visual):
             got = "none" if scores is None else f"scores of shape {tuple(scores.shape)}"
             raise RuntimeError(

@@ -74,6 +74,7 @@ def first_voters(votes: torch.Tensor, voter_valid: torch.Tensor) -> torch.Tensor
 
 @PRUNERS.register("lightvla")
 class LightVLAPruner(TokenPruner):
+    name = "lightvla"
     config_cls = LightVLAConfig
 
     def __init__(self, cfg: LightVLAConfig, model) -> None:

@@ -28,7 +28,9 @@ class PoolingConfig(PrunerConfig):
 
 @PRUNERS.register("pooling")
 class PoolingPruner(TokenPruner):
+    name = "pooling"
     config_cls = PoolingConfig
+    needs_full_grid = True
 
     def __init__(self, cfg: PoolingConfig, model) -> None:
         super().__init__(cfg, model)

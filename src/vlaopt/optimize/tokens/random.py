@@ -18,6 +18,7 @@ class RandomConfig(PrunerConfig):
 
 @PRUNERS.register("random")
 class RandomPruner(TokenPruner):
+    name = "random"
     config_cls = RandomConfig
 
     def forward(self, state: TokenState) -> TokenState:

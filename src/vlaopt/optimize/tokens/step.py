@@ -7,7 +7,29 @@ from typing import Any
 
 from vlaopt.optimize.layers.remove import has_attention
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
-from vlaopt.optimize.tokens.base import PRUNERS
+from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner
+
+
+def check_hook_order(hooks: list[TokenPruner]) -> None:
+    """Refuse hooks that would make every forward pass fail, in the order the layer loop runs them
+    (by layer, then as added): a pruner that needs each camera's full patch grid (pooling) after any
+    other pruner, and a pruner that ranks by the previous layer's attention (FastV) after another
+    pruner at its own layer (the scores it observed no longer match the visual segment)."""
+    order = sorted(range(len(hooks)), key=lambda k: (hooks[k].layer, k))
+    for position, k in enumerate(order):
+        hook = hooks[k]
+        earlier = [hooks[j] for j in order[:position]]
+        if hook.needs_full_grid and earlier:
+            raise ValueError(
+                f"token_pruning {hook.name} before decoder layer {hook.layer} needs each camera's full patch grid, "
+                f"but the {earlier[0].name} step before layer {earlier[0].layer} changes the visual segment first; "
+                f"{hook.name} must be the first token-pruning step")
+        same_layer = [e for e in earlier if e.layer == hook.layer]
+        if hook.observed_layers() and same_layer:
+            raise ValueError(
+                f"token_pruning {hook.name} before decoder layer {hook.layer} ranks the visual tokens the layer before "
+                f"it saw, but the {same_layer[0].name} step at the same layer changes them first; move one of them "
+                "to another layer")
 
 
 @STEPS.register("token_pruning")
@@ -21,13 +43,16 @@ class TokenPruningStep(RecipeStep):
         method = params.pop("method")
         cls = PRUNERS.get(method)
         cfg = make_config(cls.config_cls, params, f"token_pruning ({method})")
-        layers = len(model.lm.decoder.layers)
-        if cfg.layer >= layers:
-            raise ValueError(f"token_pruning layer={cfg.layer} is out of range; the LM has {layers} decoder layers")
-        if cls.reads_attention and not has_attention(model.lm.decoder.layers[cfg.layer - 1]):
-            raise ValueError(f"token_pruning {method} at layer={cfg.layer} ranks tokens by the attention of decoder "
-                             f"layer {cfg.layer - 1}, which was dropped")
-        model.lm.hooks.append(cls(cfg, model).train(model.training))
+        layers = model.lm.decoder.layers
+        if cfg.layer >= len(layers):
+            raise ValueError(f"token_pruning layer={cfg.layer} is out of range; the LM has {len(layers)} decoder layers")
+        pruner = cls(cfg, model).train(model.training)
+        for i in pruner.observed_layers():
+            if not has_attention(layers[i]):
+                raise ValueError(f"token_pruning {method} at layer={cfg.layer} ranks tokens by the attention of decoder "
+                                 f"layer {i}, which was dropped")
+        check_hook_order([*model.lm.hooks, pruner])
+        model.lm.hooks.append(pruner)
         return {"method": method, **dataclasses.asdict(cfg)}
 
     def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
