@@ -154,3 +154,25 @@ def test_stats_of_wrong_length(saved):
     (saved / "stats.json").write_text(json.dumps({"action": {"q01": [0.0] * 3, "q99": [1.0] * 3}}))
     with pytest.raises(ValueError, match=r"action statistics q01 has shape \(3,\), expected \(7,\)"):
         VLA.from_pretrained(saved)
+
+
+def test_a_batch_of_zero_is_refused(model, obs):
+    images, instructions, proprio = obs
+    with pytest.raises(ValueError, match=r"images have shape \(0, 2, 32, 32, 3\): a batch of 0 observations"):
+        model.predict_action(images[:0], [], proprio[:0])
+
+
+def test_an_instruction_beyond_the_position_limit_is_refused_before_the_lm_runs(model, obs):
+    images, instructions, proprio = obs
+    limit = model.lm.causal_lm.config.max_position_embeddings  # 1024 in the tiny config
+    others = model.sequence_length(0)
+    long = "a" * 50_000
+    with pytest.raises(ValueError, match=rf"instruction 1 \(50000 characters\) takes \d+ prompt tokens: the sequence "
+                                         rf"would hold \d+ positions, beyond the LM's max_position_embeddings={limit}; "
+                                         rf"shorten it to at most {limit - others} prompt tokens"):
+        model.predict_action(images, [instructions[0], long], proprio)
+    # the longest instruction that fits still runs
+    fits = "a" * (limit - others - len(model.tokenizer("In: What action should the robot take to ?\nOut:")["input_ids"]))
+    assert model.predict_action(images, [instructions[0], fits], proprio).shape[0] == 2
+    state = model.lm_input(images[:1], [fits], proprio[:1])
+    assert state.hidden.shape[1] == limit == model.sequence_length(state.layout.prompt)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from vlaopt.utils.checks import check_choice, check_positive
+from vlaopt.utils.files import read_config_file
 from vlaopt.utils.io import atomic_write_text
 
 VISION_KINDS = ("siglip", "dinov2", "fused")
@@ -193,10 +194,7 @@ class VLAConfig:
     @classmethod
     def load(cls, path: str | Path) -> VLAConfig:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        data = read_config_file(path, "config file")
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
         return cls.from_dict(data)

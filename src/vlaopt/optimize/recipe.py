@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from vlaopt.utils.files import read_yaml
 from vlaopt.utils.registry import Registry
 
 STEPS: Registry[type[RecipeStep]] = Registry("recipe step")
@@ -63,11 +62,9 @@ def _entries(recipe: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
 
 
 def read_recipe_file(path: str | Path) -> Any:
-    """The parsed YAML of a recipe file (None when empty), or a named error when it does not exist."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {path} does not exist")
-    return yaml.safe_load(path.read_text())
+    """The parsed YAML of a recipe file; a missing, empty or malformed file raises one error naming
+    it (and the line of a syntax error)."""
+    return read_yaml(path, "recipe file", allow_empty=True)
 
 
 def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:

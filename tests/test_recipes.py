@@ -1,0 +1,95 @@
+"""Recipes are validated before they change the model, stack on optimized models, and bad recipe
+files are named with their line."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import observations
+
+from vlaopt import VLA, VLAConfig, apply, load_recipe
+
+METHODS = ["pooling", "fastv", "divprune", "random", "lightvla"]
+
+
+def _model() -> VLA:
+    return VLA(VLAConfig.tiny(cameras=2, proprio_dim=3)).eval()
+
+
+def _step(method: str, layer: int) -> dict:
+    params = {"method": method, "layer": layer}
+    if method not in ("lightvla",):
+        params["keep"] = 0.5
+    return {"token_pruning": params}
+
+
+@pytest.mark.parametrize(("first", "second"), list(itertools.product(METHODS, METHODS)))
+def test_a_recipe_apply_accepts_runs(first, second):
+    """Every pair of token-pruning steps at every pair of layers: `apply` either refuses it, naming
+    the reason and leaving the model as it was, or the optimized model predicts."""
+    obs = observations(VLAConfig.tiny(cameras=2, proprio_dim=3), batch=2)
+    for a, b in itertools.product((0, 1), repeat=2):
+        if (first == "fastv" and a == 0) or (second == "fastv" and b == 0):
+            continue  # fastv reads the layer before it: refused by its own config
+        model = _model()
+        try:
+            apply(model, [_step(first, a), _step(second, b)])
+        except ValueError as error:
+            assert "token_pruning" in str(error)
+            assert len(model.lm.hooks) <= 1 and len(model.config.recipe) <= 1
+            continue
+        assert model.predict_action(*obs).shape == (2, model.config.chunk, model.config.action_dim), (first, a, second, b)
+
+
+def test_two_pooling_steps_are_refused_with_the_reason():
+    model = _model()
+    with pytest.raises(ValueError, match=r"token_pruning pooling before decoder layer 0 needs each camera's full patch "
+                                         r"grid, but the pooling step before layer 0 changes the visual segment first"):
+        apply(model, [_step("pooling", 0), _step("pooling", 0)])
+
+
+def test_pruning_before_pooling_is_refused_even_at_an_earlier_layer():
+    model = apply(_model(), [_step("pooling", 1)])
+    with pytest.raises(ValueError, match=r"pooling before decoder layer 1 needs .* but the random step before layer 0"):
+        apply(model, [_step("random", 0)])
+    assert len(model.lm.hooks) == 1
+
+
+def test_fastv_after_another_pruner_at_its_layer_is_refused():
+    with pytest.raises(ValueError, match=r"fastv before decoder layer 1 ranks the visual tokens the layer before it saw, "
+                                         r"but the random step at the same layer changes them first"):
+        apply(_model(), [_step("random", 1), _step("fastv", 1)])
+
+
+def test_a_valid_recipe_stacks_on_a_saved_optimized_model(tmp_path):
+    base = _model()
+    base.save_pretrained(tmp_path / "base")
+    pooled = apply(VLA.from_pretrained(tmp_path / "base"), [_step("pooling", 0)])
+    pooled.save_pretrained(tmp_path / "pooled")
+    stacked = apply(VLA.from_pretrained(tmp_path / "pooled"), [_step("fastv", 1), {"quantize": {"method": "int8"}}])
+    at_once = apply(VLA.from_pretrained(tmp_path / "base"),
+                    [_step("pooling", 0), _step("fastv", 1), {"quantize": {"method": "int8"}}])
+    obs = observations(base.config, batch=3)
+    assert stacked.config.recipe == at_once.config.recipe
+    assert torch.equal(stacked.predict_action(*obs), at_once.predict_action(*obs))
+
+
+def test_a_malformed_recipe_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("- token_pruning: {method: pooling, keep: 0.5}\n- quantize: {method: int8\n")
+    with pytest.raises(ValueError, match=rf"recipe file {path} is not valid YAML at line 3, column 1: "):
+        load_recipe(path)
+    with pytest.raises(FileNotFoundError, match=rf"recipe file {tmp_path / 'none.yaml'} does not exist"):
+        load_recipe(tmp_path / "none.yaml")
+
+
+def test_a_malformed_config_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"cameras": 2,')
+    with pytest.raises(ValueError, match=rf"config file {path} is not valid JSON \(truncated or damaged\?\) at line 1"):
+        VLAConfig.load(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match=rf"config file {path} is empty"):
+        VLAConfig.load(path)
