@@ -191,7 +191,7 @@ def test_flow_steps_step_changes_the_steps_and_reloads_identical(tmp_path):
     images, instructions, proprio = observations(model.config)
     before = model.predict_action(images, instructions, proprio, seed=3)
     apply(model, [{"flow_steps": {"n": 2}}])
-    assert model.head.cfg.steps == 2 and model.config.recipe == [{"flow_steps": {"n": 2}}]
+    assert model.head.cfg.steps == 2 and model.config.recipe == [{"flow_steps": {"n": 2, "version": 1}}]
     fewer = model.predict_action(images, instructions, proprio, seed=3)
     assert not torch.allclose(fewer, before)
     model.save_pretrained(tmp_path / "m")

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from vlaopt import VLA, VLAConfig, apply
 from vlaopt.model.checkpoint import weight_size
 from vlaopt.optimize.quant import Int8Linear
+from vlaopt.optimize.quant.int8 import REDUCE_RANGE, has_vnni
 
 
 def _model(lm: str = "llama", head: str = "l1") -> VLA:
@@ -35,7 +36,33 @@ def test_int8_actions_stay_close_to_fp32(lm, head, weight_only):
     apply(model, [{"quantize": {"method": "int8", "weight_only": weight_only}}])
     int8 = model.predict_action(images, instructions, proprio, noise=noise)
     err = (int8 - fp32).abs()
-    assert err.mean() < 0.03 and err.max() < 0.1, (err.mean().item(), err.max().item())
+    step = 2 if REDUCE_RANGE and not weight_only else 1  # 7-bit activations: twice the rounding step
+    assert err.mean() < 0.03 * step and err.max() < 0.1 * step, (err.mean().item(), err.max().item())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_dynamic_int8_product_is_the_exact_product_of_the_quantized_operands(bias):
+    """The kernel's output equals (dequantized activations) x (dequantized weights) computed in
+    float64, with the activations quantized per tensor as torch does (asymmetric, 8 or 7 bits): no
+    int16 saturation on CPUs without VNNI (where it was off by 13.6 in 73 with 8 bits)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=bias)
+    layer = Int8Linear.from_linear(linear, weight_only=False)
+    x = torch.randn(7, 128) * 2 + 0.3
+    qmax = 127 if REDUCE_RANGE else 255
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    scale = (hi - lo) / qmax
+    zero = min(max(round(-lo / scale), 0), qmax)
+    xq = torch.clamp(torch.round(x / scale) + zero, 0, qmax).double()
+    expected = ((xq - zero) * scale) @ layer.dequantized().double().T
+    if bias:
+        expected = expected + linear.bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_vnni_is_read_from_the_cpu_flags():
+    assert has_vnni("flags : fpu sse avx2 avx512f avx512_vnni") and has_vnni("flags : avx2 avx_vnni")
+    assert not has_vnni("flags : fpu sse avx2 fma")
 
 
 def test_int8_modules_hold_int8_weights_and_reload_bit_identically(tmp_path):
@@ -124,5 +151,5 @@ def test_weight_pruning_after_quantize_is_refused_by_name():
     apply(model, [{"quantize": {"method": "int8"}}])
     with pytest.raises(ValueError, match="matches no Linear module"):
         apply(model, [{"weight_pruning": {"method": "magnitude"}}])
-    with pytest.raises(ValueError, match="quantize method='int4' is not supported; expected one of int8"):
+    with pytest.raises(KeyError, match="unknown quantization method 'int4'; expected one of int8"):
         apply(model, [{"quantize": {"method": "int4"}}])

@@ -245,7 +245,7 @@ def test_recipe_from_yaml_and_stacked_pruners(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("- token_pruning: {method: pooling, keep: 0.5}\n- token_pruning: {method: fastv, layer: 1, keep: 0.5}\n")
     model = _model(recipe=load_recipe(path))
-    assert model.config.recipe[1] == {"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}
+    assert model.config.recipe[1] == {"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5, "version": 1}}
     seen = []
     for hook in model.lm.hooks:
         hook.register_forward_hook(lambda mod, args, out: seen.append(out.layout.visual))

@@ -1,9 +1,11 @@
 """Recipes: ordered optimization steps applied to a VLA, recorded in its config so that a saved
 optimized model rebuilds the same structure on load.
 
-Each step kind resolves its parameters while applying (e.g. which layers a data-driven method chose)
-and records the resolved form; `rebuild` replays the structural part of a recorded recipe on a fresh
-model before its weights are loaded, without data.
+Each step kind parses its parameters into its typed config dataclass (`make_config`), resolves them
+while applying (e.g. which layers a data-driven method chose) and records the resolved form with the
+recipe format `version`; `rebuild` replays the structural part of a recorded recipe on a fresh
+model before its weights are loaded, without data. Steps recorded before versions existed read as
+version 1; a newer version than this vla-opt reads is refused by name.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from vlaopt.utils.files import read_yaml
 from vlaopt.utils.registry import Registry
 
 STEPS: Registry[type[RecipeStep]] = Registry("recipe step")
+FORMAT_VERSION = 1
+"""Version of the recorded step format; bump it (and read the old one) when a step's record changes."""
 
 
 class RecipeStep(ABC):
@@ -42,6 +46,26 @@ def make_config(cls: type, params: dict[str, Any], where: str) -> Any:
     if unknown:
         raise ValueError(f"{where}: unknown parameter(s) {unknown}; expected a subset of {sorted(names)}")
     return cls(**params)
+
+
+def split_method(params: dict[str, Any], registry: Registry[Any], step: str) -> tuple[str, dict[str, Any]]:
+    """The `method` a step names (checked against `registry`) and its other parameters."""
+    params = dict(params)
+    if "method" not in params:
+        raise ValueError(f"{step} needs a method; expected one of {', '.join(registry.names())}")
+    method = params.pop("method")
+    registry.get(method)
+    return method, params
+
+
+def _recorded(name: str, resolved: dict[str, Any]) -> dict[str, Any]:
+    """A recorded step's parameters without its format version (refusing a version from the future)."""
+    params = dict(resolved)
+    version = params.pop("version", 1)
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"recorded recipe step {name} has format version {version!r}; this vla-opt reads versions "
+                         f"1..{FORMAT_VERSION} (the model was saved by a newer vla-opt?)")
+    return params
 
 
 def _entries(recipe: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
@@ -78,13 +102,14 @@ def apply(model: Any, recipe: str | Path | list[dict[str, Any]], calibration: Se
     """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`.
     `calibration` holds observation batches for steps that calibrate on data (`source: given`)."""
     for name, params in _entries(load_recipe(recipe)):
+        params.pop("version", None)  # a recorded step may be applied again (e.g. copied from a config.json)
         resolved = STEPS.get(name)(calibration).apply(model, params)
-        model.config.recipe.append({name: resolved})
+        model.config.recipe.append({name: {**resolved, "version": FORMAT_VERSION}})
     return model
 
 
 def rebuild(model: Any, recipe: list[dict[str, Any]]) -> None:
     """Replay a recorded recipe's structure on a fresh model (used by `VLA.from_pretrained`)."""
     for name, resolved in _entries(recipe):
-        STEPS.get(name)().rebuild(model, resolved)
+        STEPS.get(name)().rebuild(model, _recorded(name, resolved))
     model.config.recipe = [dict(e) for e in recipe]

@@ -2,8 +2,9 @@
 flow or expert head (each an expert / denoiser pass; a midpoint step costs two), or of DDIM steps of
 a diffusion head. Only the head's loop changes, no weights: pi0's 10 steps take 27 of its 73 ms.
 
-The head config is the model's config, so the new count is saved in `config.json`; the recorded step
-replays the same count when the model is rebuilt.
+The model's head config is replaced by a validated copy with the new count (the head reads it), so
+the count is saved in `config.json`; the recorded step replays the same count when the model is
+rebuilt.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class FlowStepsStep(RecipeStep):
                 f"flow_steps n={cfg.n} exceeds the diffusion head's train_timesteps={head.train_timesteps} (DDIM "
                 "steps are a subset of the training timesteps)"
             )
-        head.steps = cfg.n
+        model.config.head = model.head.cfg = dataclasses.replace(head, steps=cfg.n)  # validated like any head config
         return dataclasses.asdict(cfg)
 
     def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:

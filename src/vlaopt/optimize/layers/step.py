@@ -12,7 +12,7 @@ from typing import Any
 
 from vlaopt.optimize.calibration import CalibratedStep
 from vlaopt.optimize.layers.base import LAYER_METHODS
-from vlaopt.optimize.recipe import STEPS, make_config
+from vlaopt.optimize.recipe import STEPS, make_config, split_method
 
 
 @dataclass
@@ -27,11 +27,9 @@ class LayerPruningConfig:
             raise ValueError(f"layer_pruning n={self.n!r} must be a positive integer")
 
 
-def _method(params: dict[str, Any]) -> tuple[str, Any]:
-    if "method" not in params:
-        raise ValueError(f"layer_pruning needs a method; expected one of {', '.join(LAYER_METHODS.names())}")
-    name = params.pop("method")
-    return name, LAYER_METHODS.get(name)()
+def _method(params: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    name, rest = split_method(params, LAYER_METHODS, "layer_pruning")
+    return name, LAYER_METHODS.get(name)(), rest
 
 
 @STEPS.register("layer_pruning")
@@ -39,8 +37,7 @@ class LayerPruningStep(CalibratedStep):
     """Remove the n least important decoder blocks or attention sublayers of the LM."""
 
     def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
-        params = dict(params)
-        name, method = _method(params)
+        name, method, params = _method(params)
         where = f"layer_pruning ({name})"
         cfg = make_config(LayerPruningConfig, params, where)
         candidates = method.candidates(model)
@@ -59,8 +56,7 @@ class LayerPruningStep(CalibratedStep):
         return resolved
 
     def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
-        params = dict(resolved)
-        name, method = _method(params)
+        name, method, params = _method(resolved)
         removed = params.get("removed")
         if not isinstance(removed, list) or len(removed) != params.get("n"):
             raise ValueError(

@@ -1,11 +1,14 @@
 """Int8 linear layers: symmetric per-output-channel int8 weights, kept as plain tensors (so they save
 as safetensors), computed two ways.
 
-- dynamic (default, CPU): activations are quantized on the fly (per tensor, 8 bits with a zero point)
-  and the product runs in int8 through torch's x86 quantized engine (`torch.ops.quantized.linear_dynamic`,
+- dynamic (default, CPU): activations are quantized on the fly (per tensor, with a zero point) and
+  the product runs in int8 through torch's x86 quantized engine (`torch.ops.quantized.linear_dynamic`,
   fbgemm / oneDNN). Of the CPU int8 paths measured here it was the fastest (docs/compression.md). The
   prepacked weight is a cache, rebuilt when the weight, scale or bias tensors change (their version
-  counters), e.g. after loading a checkpoint.
+  counters), e.g. after loading a checkpoint. On x86 CPUs without VNNI the kernel adds pairs of
+  u8 x s8 products in int16, which saturates for 8-bit activations (measured: an output off by 13.6
+  in 73 on an AVX2 EPYC); there activations use 7 bits (`REDUCE_RANGE`, torch's own default for
+  x86), which keeps the product exact.
 - weight-only (`weight_only=True`, any device): the weight is stored in int8 and dequantized to the
   activations' dtype for each product; it saves weight memory, not time.
 """
@@ -13,12 +16,28 @@ as safetensors), computed two ways.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlaopt.optimize.weights.targets import replace_module
+
+
+def has_vnni(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU has VNNI int8 dot products (int32 accumulation, no int16 saturation)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return bool(flags & {"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
+
+
+REDUCE_RANGE = not has_vnni()
+"""7-bit activations for the dynamic kernel where 8 bits would saturate (see the module docstring)."""
 
 
 class Int8Linear(nn.Module):
@@ -69,7 +88,7 @@ class Int8Linear(nn.Module):
             raise RuntimeError(
                 f"dynamic int8 runs on CPU only, but the input is on {x.device}; quantize with weight_only: true for GPUs"
             )
-        return torch.ops.quantized.linear_dynamic(x.float(), self._prepacked()).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic(x.float(), self._prepacked(), REDUCE_RANGE).to(x.dtype)
 
     def extra_repr(self) -> str:
         mode = "weight_only" if self.weight_only else "dynamic"

@@ -14,12 +14,14 @@ from typing import Any
 from torch import nn
 
 from vlaopt.optimize.quant.int8 import empty_int8, quantize_int8
-from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
+from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config, split_method
 from vlaopt.optimize.weights.targets import DEFAULT_TARGETS, select_modules
+from vlaopt.utils.registry import Registry
 
-METHODS = ("int8",)
+QUANT_METHODS: Registry[type[Int8Config]] = Registry("quantization method")
 
 
+@QUANT_METHODS.register("int8")
 @dataclass
 class Int8Config:
     """Which linear layers to quantize (name patterns) and whether activations stay in float."""
@@ -34,11 +36,8 @@ class Int8Config:
 
 
 def _config(params: dict[str, Any]) -> tuple[str, Int8Config]:
-    params = dict(params)
-    method = params.pop("method", None)
-    if method not in METHODS:
-        raise ValueError(f"quantize method={method!r} is not supported; expected one of {', '.join(METHODS)}")
-    return method, make_config(Int8Config, params, f"quantize ({method})")
+    method, params = split_method(params, QUANT_METHODS, "quantize")
+    return method, make_config(QUANT_METHODS.get(method), params, f"quantize ({method})")
 
 
 @STEPS.register("quantize")

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from vlaopt.optimize.layers.remove import has_attention
-from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
+from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config, split_method
 from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner
 
 
@@ -37,10 +37,7 @@ class TokenPruningStep(RecipeStep):
     """Attach a visual-token pruner to the LM layer loop (no weights change)."""
 
     def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
-        params = dict(params)
-        if "method" not in params:
-            raise ValueError(f"token_pruning needs a method; expected one of {', '.join(PRUNERS.names())}")
-        method = params.pop("method")
+        method, params = split_method(params, PRUNERS, "token_pruning")
         cls = PRUNERS.get(method)
         cfg = make_config(cls.config_cls, params, f"token_pruning ({method})")
         layers = model.lm.decoder.layers

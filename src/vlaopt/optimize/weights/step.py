@@ -11,16 +11,10 @@ from typing import Any
 from torch import nn
 
 from vlaopt.optimize.calibration import CalibratedStep
-from vlaopt.optimize.recipe import STEPS, make_config
+from vlaopt.optimize.recipe import STEPS, make_config, split_method
 from vlaopt.optimize.weights.base import WEIGHT_PRUNERS
 from vlaopt.optimize.weights.prune import prune_model
 from vlaopt.optimize.weights.targets import select_modules
-
-
-def _method(params: dict[str, Any]) -> str:
-    if "method" not in params:
-        raise ValueError(f"weight_pruning needs a method; expected one of {', '.join(WEIGHT_PRUNERS.names())}")
-    return params.pop("method")
 
 
 @STEPS.register("weight_pruning")
@@ -28,8 +22,7 @@ class WeightPruningStep(CalibratedStep):
     """Zero the least important weights of the targeted linear layers."""
 
     def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
-        params = dict(params)
-        name = _method(params)
+        name, params = split_method(params, WEIGHT_PRUNERS, "weight_pruning")
         cls = WEIGHT_PRUNERS.get(name)
         where = f"weight_pruning ({name})"
         calibration_params = params.pop("calibration", None)
@@ -41,4 +34,4 @@ class WeightPruningStep(CalibratedStep):
         return resolved
 
     def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
-        WEIGHT_PRUNERS.get(_method(dict(resolved)))
+        split_method(resolved, WEIGHT_PRUNERS, "weight_pruning")  # only checks the method: zeroed weights load as saved
