@@ -1,4 +1,4 @@
-"""MetaWorld tasks, the offscreen-rendering env and the scripted experts (needs MetaWorld and EGL)."""
+"""MetaWorld tasks, the offscreen-rendering env and the scripted policies (needs MetaWorld and EGL)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from vlaopt.sim import env as sim_env
 from vlaopt.sim.env import SimEnv
-from vlaopt.sim.expert import ScriptedExpert
+from vlaopt.sim.scripted import ScriptedPolicy
 from vlaopt.sim.tasks import INSTRUCTIONS, TASK_SETS, instruction, resolve_tasks
 
 
@@ -126,7 +126,7 @@ def test_missing_egl_names_the_debian_packages(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_expert_solves_reach() -> None:
-    expert = ScriptedExpert("reach-v3")
+    expert = ScriptedPolicy("reach-v3")
     with SimEnv("reach-v3", seed=1, cameras=("topview",), image_size=16, max_steps=120) as env:
         env.reset()
         done = success = False
@@ -135,5 +135,5 @@ def test_expert_solves_reach() -> None:
             assert action.shape == (4,) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
             _, success, done = env.step(action)
         assert success and env.steps < 120
-    with pytest.raises(ValueError, match="no scripted expert for task 'reach-v9'"):
-        ScriptedExpert("reach-v9")
+    with pytest.raises(ValueError, match="no scripted policy for task 'reach-v9'"):
+        ScriptedPolicy("reach-v9")
