@@ -1,6 +1,7 @@
 """Side-by-side benchmark of optimization recipes on one model and identical inputs.
 
-Every recipe is applied to its own copy of the model; timing rounds interleave the recipes (one
+Every recipe is applied to its own copy of the model (a recipe that fails to apply or to run is
+reported with its error while the others are still measured); timing rounds interleave the recipes (one
 `predict_action` each per round, after warm-up) so machine drift hits all of them alike; medians
 and ratios to the baseline come from the same run. Each row also carries per-stage FLOPs, the
 fraction of the device's measured matmul throughput each stage reaches, parameters, weight memory,
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import copy
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -37,16 +39,20 @@ STAGES = ("inputs", "vision", "projector", "lm", "prefix", "reasoning", "head", 
 
 @dataclass
 class BenchConfig:
-    """How much to measure: timing batch, rounds, held-out samples for the action error."""
+    """How much to measure: timing batch, rounds, held-out samples for the action error, and the torch
+    threads the whole bench runs on (0: torch's setting as it is), since CPU timings depend on them."""
 
     batch: int = 1
     repeats: int = 15
     warmup: int = 3
     eval_samples: int = 64
     seed: int = 0
+    threads: int = 0
 
     def __post_init__(self) -> None:
         check_positive(self, "bench.", "batch", "repeats", "eval_samples")
+        if self.threads < 0:
+            raise ValueError(f"bench.threads={self.threads} must be 0 (torch's setting) or a positive count")
 
 
 @dataclass
@@ -61,6 +67,16 @@ class Observations:
     def take(self, idx: slice) -> Observations:
         pick = lambda x: None if x is None else x[idx]  # noqa: E731
         return Observations(self.images[idx], self.instructions[idx], pick(self.proprio), pick(self.actions))
+
+    def spread(self, n: int) -> Observations:
+        """`n` samples spread evenly over these (all when there are at most `n`), so a smaller set
+        still covers every episode the full one does."""
+        if n >= len(self):
+            return self
+        idx = torch.linspace(0, len(self) - 1, n).round().long()
+        pick = lambda x: None if x is None else x[idx]  # noqa: E731
+        return Observations(self.images[idx], [self.instructions[i] for i in idx.tolist()],
+                            pick(self.proprio), pick(self.actions))
 
     def __len__(self) -> int:
         return len(self.instructions)
@@ -103,81 +119,209 @@ def closed_loop_success(model: Any, tasks: Sequence[str], eval_cfg: Any, progres
             "tasks": {t: r.success_rate for t, r in result.tasks.items()}, "episode_results": result.episodes}
 
 
-def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Observations,
-              heldout: Observations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Measure every recipe against `recipes["baseline"]`; returns a JSON-ready result.
+class RecipeFailure(Exception):
+    """A recipe that could not be applied or run; the bench reports it as a failed row and goes on."""
 
-    `success` = (MetaWorld tasks, `EvalConfig`) adds closed-loop success for every recipe."""
-    if "baseline" not in recipes:
-        raise ValueError(f"recipes must include 'baseline'; got {sorted(recipes)}")
-    device = model.device
-    quality_set = heldout if heldout is not None else timing
-    calibration_batches = quality_set.batches(8)
-    models = {name: apply(copy.deepcopy(model), recipe, calibration=calibration_batches).eval()
-              for name, recipe in recipes.items()}
-    batch = timing.take(slice(0, cfg.batch))
-    peak = matmul_throughput(device)
-    for m in models.values():
-        for _ in range(cfg.warmup):
-            m.predict_action(batch.images, batch.instructions, batch.proprio)
+    def __init__(self, phase: str, error: Exception) -> None:
+        super().__init__(" ".join(f"{type(error).__name__}: {error}".split()))
+        self.phase = phase
+
+
+@contextmanager
+def _attempt(name: str, phase: str) -> Iterator[None]:
+    """Turn an exception of recipe `name` during `phase` into a `RecipeFailure`; the baseline's own
+    exception propagates (with a note), since nothing can be compared without it."""
+    try:
+        yield
+    except Exception as error:
+        if name == "baseline":
+            error.add_note(f"vla-opt bench: the baseline (the model as loaded) failed during {phase}")
+            raise
+        raise RecipeFailure(phase, error) from error
+
+
+@contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block on `n` torch threads (0: leave torch's setting), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class _Run:
+    """What every recipe's measurement shares: the timing batch, the quality inputs, the device's peak."""
+
+    batch: Observations
+    quality: Observations
+    peak: float
+    success: tuple[Sequence[str], Any] | None
+    progress: bool
+
+    def predict(self, model: Any, timer: Any = None) -> torch.Tensor:
+        return model.predict_action(self.batch.images, self.batch.instructions, self.batch.proprio, timer=timer)
+
+
+def _prepare(model: Any, recipes: dict[str, list[dict[str, Any]]], run: _Run, warmup: int,
+             failures: dict[str, RecipeFailure]) -> dict[str, Any]:
+    """Each recipe applied to its own copy of `model` (data-driven steps calibrate on the quality
+    inputs) and warmed up; a recipe that fails lands in `failures` instead."""
+    calibration_batches = run.quality.batches(8)
+    models = {}
+    for name, recipe in recipes.items():
+        try:
+            with _attempt(name, "apply"):
+                m = apply(copy.deepcopy(model), recipe, calibration=calibration_batches).eval()
+            with _attempt(name, "warm-up"):
+                for _ in range(warmup):
+                    run.predict(m)
+            models[name] = m
+        except RecipeFailure as failure:
+            failures[name] = failure
+    return models
+
+
+def _time_rounds(models: dict[str, Any], run: _Run, repeats: int,
+                 failures: dict[str, RecipeFailure]) -> dict[str, list[dict[str, float]]]:
+    """Per-stage seconds of `repeats` interleaved rounds (one `predict_action` per recipe each); a
+    recipe that fails leaves the rounds and lands in `failures`."""
     samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    rounds = track(range(cfg.repeats), description="timing rounds") if progress else range(cfg.repeats)
+    rounds = track(range(repeats), description="timing rounds") if run.progress else range(repeats)
     for _ in rounds:
         for name, m in models.items():
-            samples[name].append(time_once(m, batch.images, batch.instructions, batch.proprio))
-    baseline_actions = _predict_all(models["baseline"], quality_set)
-    rows = []
-    for name, m in models.items():
-        stats = summarize(samples[name])
-        flops = FlopRecorder()
-        m.predict_action(batch.images, batch.instructions, batch.proprio, timer=flops)
-        actions = _predict_all(m, quality_set)
-        tokens_in, tokens_out = _visual_tokens(m, batch)
-        elements, size = weight_size(m)
-        row = {
-            "recipe": name,
-            "steps": recipes[name],
-            "ms": {k: v.median_ms for k, v in stats.items()},
-            "ms_p25": {k: v.p25_ms for k, v in stats.items()},
-            "ms_p75": {k: v.p75_ms for k, v in stats.items()},
-            "gflops": {k: v / 1e9 for k, v in flops.flops.items()},
-            "params_m": elements / 1e6,
-            "weights_mb": size / 2**20,
-            "visual_tokens_in": tokens_in,
-            "visual_tokens_out": tokens_out,
-            "action_err_vs_baseline": (actions - baseline_actions).abs().mean().item(),
-            "action_err_vs_demo": None if quality_set.actions is None
-            else (actions - quality_set.actions[:, : actions.shape[1]]).abs().mean().item(),
-        }
-        row["achieved_fraction"] = {
-            k: (row["gflops"][k] * 1e9 / (row["ms"][k] / 1e3)) / peak for k in row["gflops"] if row["ms"].get(k)
-        }
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            m.predict_action(batch.images, batch.instructions, batch.proprio)
-            row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        else:
-            row["peak_mb"] = None
-        if success is not None:
-            if progress:
-                print(f"closed-loop success of {name}")
-            row["success"] = closed_loop_success(m, success[0], success[1], progress)
-        rows.append(row)
-    base = rows[0]
-    for row in rows:
-        row["speedup_total"] = base["ms"]["total"] / row["ms"]["total"]
-        lm = "lm" if "lm" in row["ms"] else "prefix"  # expert heads run the VLM as a cached prefix
-        row["speedup_lm"] = base["ms"][lm] / row["ms"][lm]
-        row["lm_flops_ratio"] = row["gflops"][lm] / base["gflops"][lm]
+            if name in failures:
+                continue
+            try:
+                with _attempt(name, "timing"):
+                    samples[name].append(time_once(m, run.batch.images, run.batch.instructions, run.batch.proprio))
+            except RecipeFailure as failure:
+                failures[name] = failure
+    return samples
+
+
+def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict[str, float]], run: _Run,
+             baseline: tuple[dict[str, Any], torch.Tensor] | None) -> tuple[dict[str, Any], torch.Tensor]:
+    """One recipe's row (timing statistics, FLOPs, size, tokens, action errors, success, ratios to
+    the `baseline` row and actions; None when this is the baseline) and its actions on the quality inputs."""
+    stats = summarize(samples)
+    flops = FlopRecorder()
+    run.predict(m, timer=flops)
+    actions = _predict_all(m, run.quality)
+    base_actions = actions if baseline is None else baseline[1]
+    tokens_in, tokens_out = _visual_tokens(m, run.batch)
+    elements, size = weight_size(m)
+    row = {
+        "recipe": name,
+        "steps": recipe,
+        "ms": {k: v.median_ms for k, v in stats.items()},
+        "ms_p25": {k: v.p25_ms for k, v in stats.items()},
+        "ms_p75": {k: v.p75_ms for k, v in stats.items()},
+        "total_spread_ms": [stats["total"].p25_ms, stats["total"].p75_ms],
+        "gflops": {k: v / 1e9 for k, v in flops.flops.items()},
+        "params_m": elements / 1e6,
+        "weights_mb": size / 2**20,
+        "visual_tokens_in": tokens_in,
+        "visual_tokens_out": tokens_out,
+        "action_err_vs_baseline": (actions - base_actions).abs().mean().item(),
+        "action_err_vs_demo": None if run.quality.actions is None
+        else (actions - run.quality.actions[:, : actions.shape[1]]).abs().mean().item(),
+    }
+    row["achieved_fraction"] = {
+        k: (row["gflops"][k] * 1e9 / (row["ms"][k] / 1e3)) / run.peak for k in row["gflops"] if row["ms"].get(k)
+    }
+    row["peak_mb"] = _peak_memory(m, run)
+    if run.success is not None:
+        if run.progress:
+            print(f"closed-loop success of {name}")
+        row["success"] = closed_loop_success(m, run.success[0], run.success[1], run.progress)
+    row.update(_ratios(row, row if baseline is None else baseline[0]))
+    return row, actions
+
+
+def _peak_memory(m: Any, run: _Run) -> float | None:
+    """Peak device memory (MiB) of one `predict_action` on CUDA; None elsewhere."""
+    if m.device.type != "cuda":
+        return None
+    torch.cuda.reset_peak_memory_stats(m.device)
+    run.predict(m)
+    return torch.cuda.max_memory_allocated(m.device) / 2**20
+
+
+def _ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """Speedups and FLOP ratio against the baseline row, and whether the p25-p75 spreads of the total
+    overlap (then the speedup cannot be told from timing noise; None for the baseline itself)."""
+    lm = "lm" if "lm" in row["ms"] else "prefix"  # expert heads run the VLM as a cached prefix
+    (lo, hi), (base_lo, base_hi) = row["total_spread_ms"], base["total_spread_ms"]
+    return {
+        "speedup_total": base["ms"]["total"] / row["ms"]["total"],
+        "speedup_lm": base["ms"][lm] / row["ms"][lm],
+        "lm_flops_ratio": row["gflops"][lm] / base["gflops"][lm],
+        "spread_overlaps_baseline": None if row is base else lo <= base_hi and base_lo <= hi,
+    }
+
+
+def _failed_row(name: str, recipe: list[dict[str, Any]], failure: RecipeFailure) -> dict[str, Any]:
+    return {"recipe": name, "steps": recipe, "error": str(failure), "failed_during": failure.phase}
+
+
+def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Observations | None, quality: Observations,
+            success: tuple[Sequence[str], Any] | None, settings: dict[str, Any] | None) -> dict[str, Any]:
+    """The result before any row: date, machine (with the thread count timing runs on), settings."""
     return {
         "date": date.today().isoformat(),
+        "complete": False,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                     "matmul_gflops": peak / 1e9},
         "settings": {"batch": cfg.batch, "repeats": cfg.repeats, "warmup": cfg.warmup,
                      "quality_inputs": "heldout demonstrations" if heldout is not None else "timing inputs (random)",
-                     "quality_samples": len(quality_set),
-                     "success": None if success is None else {"tasks": list(success[0]), **vars(success[1])}},
-        "rows": rows,
+                     "quality_samples": len(quality),
+                     "success": None if success is None else {"tasks": list(success[0]), **vars(success[1])},
+                     **(settings or {})},
+        "rows": [],
     }
+
+
+def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Observations,
+              heldout: Observations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
+              progress: bool = True, settings: dict[str, Any] | None = None,
+              on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every recipe against `recipes["baseline"]`; returns a JSON-ready result.
+
+    `success` = (MetaWorld tasks, `EvalConfig`) adds closed-loop success for every recipe; `settings`
+    adds entries to the result's settings. A recipe that fails to apply or to run becomes a row with
+    its `error` and the others are still measured; the baseline failing raises. `on_update(result)`
+    is called after each row is added (with `"complete": False`) and once at the end (`True`), so a
+    caller can save what is measured as it is measured."""
+    if "baseline" not in recipes:
+        raise ValueError(f"recipes must include 'baseline'; got {sorted(recipes)}")
+    recipes = {"baseline": recipes["baseline"], **recipes}  # measured first: every ratio needs it
+    update = on_update or (lambda result: None)
+    with _threads(cfg.threads):
+        quality = heldout if heldout is not None else timing
+        run = _Run(timing.take(slice(0, cfg.batch)), quality, matmul_throughput(model.device), success, progress)
+        result = _header(model.device, run.peak, cfg, heldout, quality, success, settings)
+        failures: dict[str, RecipeFailure] = {}
+        models = _prepare(model, recipes, run, cfg.warmup, failures)
+        samples = _time_rounds(models, run, cfg.repeats, failures)
+        baseline = None
+        for name, recipe in recipes.items():
+            if name not in failures:
+                try:
+                    with _attempt(name, "measurement"):
+                        row, actions = _measure(name, recipe, models[name], samples[name], run, baseline)
+                    baseline = baseline or (row, actions)
+                except RecipeFailure as failure:
+                    failures[name] = failure
+            if name in failures:
+                row = _failed_row(name, recipe, failures[name])
+            models.pop(name, None)  # free each copy once measured
+            result["rows"].append(row)
+            update(result)
+    result["complete"] = True
+    update(result)
+    return result

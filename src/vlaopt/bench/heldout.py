@@ -32,6 +32,16 @@ def from_collection(root: str | Path, n: int, chunk: int, seed: int = 0, val_fra
     )
 
 
+def for_model(model_dir: str | Path, data: str | Path | None, chunk: int,
+              n: int = HELDOUT_SAMPLES) -> Observations | None:
+    """Up to `n` held-out demonstrations for the model in `model_dir`: from the validation split of the
+    collection `data` when given, else the model's own `heldout.npz`, else None."""
+    if data is not None:
+        return from_collection(data, n, chunk)
+    path = Path(model_dir) / HELDOUT_FILE
+    return load_npz(path).spread(n) if path.is_file() else None
+
+
 def save_npz(obs: Observations, path: str | Path) -> None:
     """Store held-out samples (e.g. beside a shipped model), atomically."""
     arrays = {"images": obs.images.numpy(), "instructions": np.array(obs.instructions), "actions": obs.actions.numpy()}

@@ -1,4 +1,5 @@
-"""Benchmark output: a terminal table, markdown, JSON (every table column is a JSON field)."""
+"""Benchmark output: a terminal table, markdown, JSON (every table column is a JSON field). Failed
+recipes and speedups within timing noise are explained in notes below the table."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from vlaopt.utils.io import atomic_write_text
@@ -23,6 +25,7 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("flow ms", ("ms", "flow"), "{:.2f}"),
     ("trajectory ms", ("ms", "trajectory"), "{:.2f}"),
     ("total ms", ("ms", "total"), "{:.2f}"),
+    ("p25-p75 ms", ("total_spread_ms",), "{0[0]:.2f}-{0[1]:.2f}"),
     ("speedup", ("speedup_total",), "{:.2f}x"),
     ("lm speedup", ("speedup_lm",), "{:.2f}x"),
     ("lm GFLOPs", ("gflops", "lm"), "{:.3f}"),
@@ -41,9 +44,10 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
 ]
 
 
-# The terminal table keeps to what fits a normal terminal; markdown and JSON carry everything.
-TERMINAL = ("recipe", "total ms", "speedup", "lm ms", "prefix ms", "flow ms", "lm speedup", "lm FLOPs ratio",
-            "tokens out", "err vs base", "err vs demo", "success", "success 95% CI")
+# The terminal table keeps to what fits 80 columns (`wide=True`: every column); markdown and JSON
+# carry everything.
+TERMINAL = ("recipe", "total ms", "p25-p75 ms", "speedup", "lm ms", "prefix ms", "err vs base", "success")
+NOISE = "?"  # marks a speedup whose p25-p75 spread of total time overlaps the baseline's
 
 
 def cell(row: dict[str, Any], path: tuple[str, ...], fmt: str) -> str:
@@ -53,34 +57,88 @@ def cell(row: dict[str, Any], path: tuple[str, ...], fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _cells(row: dict[str, Any], cols: list[tuple[str, tuple[str, ...], str]]) -> list[str]:
+    """A row's cells: a failed recipe shows `failed` after its name; a speedup within noise is marked."""
+    if "error" in row:
+        return [row["recipe"], "failed", *("-" for _ in cols[2:])][: len(cols)]
+    noisy = NOISE if row.get("spread_overlaps_baseline") else ""
+    return [cell(row, path, fmt) + (noisy if title == "speedup" else "") for title, path, fmt in cols]
+
+
 def _columns(result: dict[str, Any], only: tuple[str, ...] | None = None) -> list[tuple[str, tuple[str, ...], str]]:
-    """Columns (all, or those named in `only`) that have a value in at least one row."""
-    return [c for c in COLUMNS if (only is None or c[0] in only)
-            and any(cell(r, c[1], c[2]) != "-" for r in result["rows"])]
+    """Columns (all, or those named in `only`, in its order) that have a value in at least one row."""
+    cols = COLUMNS if only is None else [c for title in only for c in COLUMNS if c[0] == title]
+    return [c for c in cols if any(cell(r, c[1], c[2]) != "-" for r in result["rows"])]
 
 
 def _title(result: dict[str, Any]) -> str:
     m, s = result["machine"], result["settings"]
-    return (f"vla-opt bench {result['date']} on {m['device']} ({m['processor']}, {m['threads']} threads, "
-            f"matmul {m['matmul_gflops']:.0f} GFLOP/s), batch {s['batch']}, median of {s['repeats']} interleaved rounds")
+    threads = f"{m['threads']} thread{'s' if m['threads'] != 1 else ''}"
+    return (f"vla-opt bench {result['date']} on {m['device']} ({m['processor']}, {threads}, "
+            f"matmul {m['matmul_gflops']:.0f} GFLOP/s), batch {s['batch']}, median and p25-p75 of "
+            f"{s['repeats']} interleaved rounds")
 
 
-def to_table(result: dict[str, Any]) -> Table:
-    cols = _columns(result, TERMINAL)
-    table = Table(title=_title(result))
-    for title, _, _ in cols:
-        table.add_column(title, justify="left" if title == "recipe" else "right")
-    for row in result["rows"]:
-        table.add_row(*(cell(row, path, fmt) for _, path, fmt in cols))
-    return table
+def notes(result: dict[str, Any]) -> list[str]:
+    """What the table alone does not say: failed recipes with their errors, speedups within timing
+    noise, and that a result is partial while the bench is still running."""
+    lines = [f"{r['recipe']} failed during {r['failed_during']}: {r['error']}" for r in result["rows"] if "error" in r]
+    noisy = [r["recipe"] for r in result["rows"] if r.get("spread_overlaps_baseline")]
+    if noisy:
+        lines.append(f"speedup marked {NOISE}: its p25-p75 of total time overlaps the baseline's, so it is not "
+                     f"distinguishable from timing noise ({', '.join(noisy)})")
+    if not result.get("complete", True):
+        n = len(result["rows"])
+        lines.append(f"partial result: {n} recipe{'s' if n != 1 else ''} measured, the bench has not finished")
+    return lines
+
+
+class FittedTable:
+    """A `rich` table whose column titles wrap only when the console is too narrow for them on one
+    line; cells are never cut (rich, left alone, shortens the widest column first: the recipe names)."""
+
+    def __init__(self, table: Table, content_widths: list[int]) -> None:
+        self.table = table
+        self.content_widths = content_widths
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        for column in self.table.columns:
+            column.width = None
+        if console.measure(self.table, options=options.update_width(10_000)).maximum > options.max_width:
+            for column, width in zip(self.table.columns, self.content_widths):
+                column.width = width
+        yield self.table
+
+
+def to_table(result: dict[str, Any], wide: bool = False) -> FittedTable:
+    """The terminal table (the columns that fit 80 characters, or every column with `wide`), notes below."""
+    cols = _columns(result, None if wide else TERMINAL)
+    rows = [_cells(row, cols) for row in result["rows"]]
+    table = Table(title=_title(result), caption="\n".join(notes(result)) or None, caption_justify="left")
+    widths = []
+    for i, (title, _, _) in enumerate(cols):
+        table.add_column(title, justify="left" if title == "recipe" else "right", overflow="fold")
+        widths.append(max([len(word) for word in title.split()] + [len(r[i]) for r in rows]))
+    for cells in rows:
+        table.add_row(*cells)
+    return FittedTable(table, widths)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    """Every column with a value, the notes as a list below the table."""
     cols = _columns(result)
     lines = [f"_{_title(result)}_", "", "| " + " | ".join(c[0] for c in cols) + " |",
              "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(cell(r, p, f) for _, p, f in cols) + " |" for r in result["rows"]]
-    return "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(_cells(r, cols)) + " |" for r in result["rows"]]
+    extra = notes(result)
+    return "\n".join(lines + ([""] + [f"- {line}" for line in extra] if extra else [])) + "\n"
+
+
+def write_results(result: dict[str, Any], json_path: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the JSON and markdown atomically (called as each recipe's row is added, so an interrupted
+    bench keeps what it measured); returns the paths written."""
+    return [atomic_write_text(json_path, json.dumps(result, indent=2)),
+            atomic_write_text(Path(out_dir) / "bench.md", to_markdown(result))]
 
 
 def write_outputs(result: dict[str, Any], json_path: str | Path, out_dir: str | Path) -> list[Path]:
@@ -88,8 +146,5 @@ def write_outputs(result: dict[str, Any], json_path: str | Path, out_dir: str | 
     from vlaopt.bench.plots import plot_pareto, plot_stages
 
     out_dir = Path(out_dir)
-    written = [atomic_write_text(json_path, json.dumps(result, indent=2)),
-               atomic_write_text(out_dir / "bench.md", to_markdown(result))]
-    written.append(plot_pareto(result, out_dir / "pareto.png"))
-    written.append(plot_stages(result, out_dir / "stages.png"))
-    return written
+    return [*write_results(result, json_path, out_dir), plot_pareto(result, out_dir / "pareto.png"),
+            plot_stages(result, out_dir / "stages.png")]
