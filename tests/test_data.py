@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +18,21 @@ import pytest
 import torch
 
 from vlaopt.data import episodes as episodes_module
-from vlaopt.data.collect import POST_SUCCESS_STEPS, collect, episode_seed, record_episode
+from vlaopt.data import collect as collect_module
+from vlaopt.data.collect import (
+    LOCK_NAME,
+    POST_SUCCESS_STEPS,
+    PROGRESS_NAME,
+    CollectionInUseError,
+    collect,
+    episode_seed,
+    record_episode,
+)
 from vlaopt.data.dataset import EpisodeDataset, compute_stats
 from vlaopt.data.episodes import INDEX_NAME, EpisodeFormatError, read_episode, read_index, write_episode, write_index
 from vlaopt.sim.env import SimEnv
-from vlaopt.sim.expert import ScriptedExpert
+from vlaopt.cli import main
+from vlaopt.sim.scripted import ScriptedPolicy
 
 TASK = "reach-v3"
 SIZE = 32
@@ -53,7 +70,7 @@ def test_collection_replays_exactly(root: Path) -> None:
     entry = read_index(root)["episodes"][0]
     stored = read_episode(root / entry["file"])
     with SimEnv(TASK, stored.seed, stored.cameras, SIZE, MAX_STEPS) as env:
-        replay = record_episode(env, ScriptedExpert(TASK), stored.seed, POST_SUCCESS_STEPS)
+        replay = record_episode(env, ScriptedPolicy(TASK), stored.seed, POST_SUCCESS_STEPS)
     for name in ("images", "proprio", "actions"):
         np.testing.assert_array_equal(getattr(replay, name), getattr(stored, name), err_msg=name)
 
@@ -178,3 +195,148 @@ def test_collect_gives_up_when_the_expert_keeps_failing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match=r"succeeded on only 0 of 6 attempts at 'reach-v3' within max_steps=2"):
         collect([TASK], 1, tmp_path, workers=0, image_size=8, cameras=("topview",), max_steps=2, progress=False)
     assert not (tmp_path / INDEX_NAME).exists() and not list(tmp_path.iterdir())
+
+
+# ---- a collection keeps what it did: fault tests with real subprocesses ----------------------------
+COLLECT = f"from vlaopt.data.collect import collect; import sys; collect([{TASK!r}], int(sys.argv[2]), sys.argv[1], " \
+          f"workers=int(sys.argv[3]), image_size={SIZE}, max_steps={MAX_STEPS}, seed=0, progress=False)"
+KILLED_COLLECT = f"""
+import os, signal, sys
+from vlaopt.data import collect as c
+from vlaopt.utils.io import atomic_write
+
+def die(*_, **__):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+writes, real_write = [], c.write_episode
+
+def write_episode(path, episode):  # the second episode dies halfway through its file
+    writes.append(path)
+    if len(writes) == 2:
+        atomic_write(path, lambda tmp: (tmp.write_bytes(b"PK\\x03\\x04 half an episode"), die()))
+    return real_write(path, episode)
+
+if sys.argv[2] == "mid-episode":
+    c.write_episode = write_episode
+else:
+    c.write_index = die
+c.collect([{TASK!r}], 2, sys.argv[1], workers=0, image_size={SIZE}, max_steps={MAX_STEPS}, seed=0, progress=False)
+"""
+
+
+def _python(code: str, *args: str) -> subprocess.Popen:
+    """Start `python -c code args...` (its stderr kept for the failure message)."""
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float) -> None:
+    """Poll `condition` until it holds; fail if `process` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the subprocess exited with {process.returncode}: {process.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s")
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` is running (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _pool_workers(parent: int) -> list[int]:
+    """The multiprocessing-spawned children of `parent` (not its resource tracker), from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_second_collection_into_the_same_folder_fails_fast(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "data"
+    first = _python(COLLECT, str(out), "50", "0")
+    try:
+        lock = out / LOCK_NAME
+        _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), first, 60)
+        start = time.monotonic()
+        message = rf"{re.escape(str(out))} is in use by another collection \(pid {first.pid}, lock {re.escape(str(lock))}\)"
+        for resume in (False, True):
+            with pytest.raises(CollectionInUseError, match=message):
+                collect([TASK], 50, out, workers=0, image_size=SIZE, max_steps=MAX_STEPS, progress=False, resume=resume)
+        assert main(["collect", "--tasks", TASK, "--episodes-per-task", "50", "--out", str(out), "--workers", "0",
+                     "--image-size", str(SIZE), "--max-steps", str(MAX_STEPS)]) == 2
+        assert f"is in use by another collection (pid {first.pid}" in capsys.readouterr().err
+        assert time.monotonic() - start < 5 and first.poll() is None  # refused at once; the first one runs on
+    finally:
+        first.kill()
+        first.wait()
+
+
+@pytest.mark.parametrize("kill", ["mid-episode", "before-index"])
+def test_killed_collection_resumes_to_the_same_index(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill: str
+) -> None:
+    """SIGKILL halfway through the second episode file, or just before the index: --resume keeps the
+    finished attempts, drops the half-written file and gives the index of an uninterrupted run."""
+    out = tmp_path / "data"
+    killed = _python(KILLED_COLLECT, str(out), kill)
+    assert killed.wait(timeout=150) == -signal.SIGKILL, killed.stderr.read().decode()[-2000:]
+    assert (out / PROGRESS_NAME).is_file() and not (out / INDEX_NAME).exists()
+    assert any(p.name.endswith(".tmp") for p in out.iterdir()) == (kill == "mid-episode")
+    settings = {"workers": 0, "image_size": SIZE, "max_steps": MAX_STEPS, "seed": 0, "progress": False}
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(out))} is not empty; it holds an unfinished .*--resume"):
+        collect([TASK], 2, out, **settings)
+    with pytest.raises(ValueError, match=r"collected with max_steps=80, this run asks for max_steps=81"):
+        collect([TASK], 2, out, **{**settings, "max_steps": 81}, resume=True)
+    rerun: list[int] = []
+    real = collect_module._run_attempts
+
+    def run_attempts(settings: collect_module.CollectSettings, task: str, attempts: list[int], out_dir: Path) -> list:
+        rerun.extend(attempts)
+        return real(settings, task, attempts, out_dir)
+
+    monkeypatch.setattr(collect_module, "_run_attempts", run_attempts)
+    index = collect([TASK], 2, out, **settings, resume=True)
+    second = read_index(root)["episodes"][1]["attempt"]
+    assert rerun == ([second] if kill == "mid-episode" else [])  # only the attempt that died is rolled out again
+    assert index.read_text() == (root / INDEX_NAME).read_text()
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in root.iterdir())  # no journal, lock, .tmp
+    for entry in read_index(out)["episodes"]:
+        assert (out / entry["file"]).read_bytes() == (root / entry["file"]).read_bytes()
+    assert collect([TASK], 2, out, **settings, resume=True) == index  # complete: nothing left to do
+    assert rerun == ([second] if kill == "mid-episode" else [])
+
+
+def test_workers_die_with_a_killed_collection(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    parent = _python(COLLECT, str(out), "40", "2")
+    workers: list[int] = []
+    try:
+        def working() -> bool:
+            workers[:] = _pool_workers(parent.pid)
+            return len(workers) == 2 and any(out.glob("*.npz"))
+
+        _wait_for(working, parent, 120)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in workers if _alive(pid)], "pool workers outlived their killed parent"
+    finally:
+        parent.kill()
+        parent.wait()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +19,8 @@ from vlaopt import VLA, VLAConfig
 from vlaopt.cli import main
 from vlaopt.data.collect import collect, episode_seed
 from vlaopt.data.dataset import EpisodeDataset
-from vlaopt.eval.closed_loop import EvalConfig, evaluate, wilson_interval
+from vlaopt.eval import closed_loop
+from vlaopt.eval.closed_loop import EvalConfig, _run_in_pools, evaluate, wilson_interval
 from vlaopt.eval.open_loop import open_loop_error
 from vlaopt.eval.rollout import RolloutConfig, env_cameras, eval_seed, run_episode
 from vlaopt.model.vla import DEFAULT_MODEL_DIR
@@ -117,3 +124,98 @@ def test_open_loop_error_on_held_out_episodes(tiny_collection: Path) -> None:
     assert result.l1 == pytest.approx(expected, rel=1e-5) == pytest.approx(np.mean(result.per_dim), rel=1e-5)
     with pytest.raises(ValueError, match=r"holds 2 camera\(s\) of 32 px .* takes 2 camera\(s\) of 64 px"):
         open_loop_error(_sim_model(image_size=64), tiny_collection, val_fraction=0.5)
+
+
+# ---- an evaluation keeps what it did ----------------------------------------------------------------
+TASKS = ["reach-v3", "window-close-v3"]
+
+
+def test_failed_episodes_are_reported_and_the_rest_still_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """An episode that raises, and a job whose env cannot start: both listed with their error, the
+    other episodes measured, the rates over the episodes that ran, exit status 1 after the table."""
+    model_dir = _sim_model().save_pretrained(tmp_path / "model")
+    real_run, real_env = closed_loop.run_episode, closed_loop.SimEnv
+
+    def run_episode(model: VLA, env: SimEnv, episode: int, *args: object) -> object:
+        if env.task == "reach-v3" and episode == 1:
+            raise RuntimeError("injected fault")
+        return real_run(model, env, episode, *args)
+
+    def sim_env(task: str, *args: object) -> SimEnv:
+        if task == "window-close-v3":
+            raise OSError("no renderer for window-close")
+        return real_env(task, *args)
+
+    monkeypatch.setattr(closed_loop, "run_episode", run_episode)
+    monkeypatch.setattr(closed_loop, "SimEnv", sim_env)
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model", str(model_dir), "--tasks", ",".join(TASKS), "--episodes", "2", "--workers", "0",
+                 "--max-steps", "3", "--json", str(out)]) == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    seed = eval_seed(0, "reach-v3", 1)
+    assert f"failed: reach-v3 episode 1 (seed {seed}): RuntimeError: injected fault" in printed
+    assert "failed: window-close-v3 episode 0" in printed and "OSError: no renderer for window-close" in printed
+    assert "3 episode(s) failed to run" in printed and "failed" in printed.split("overall")[0]
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    assert report["failures"][0] == {"task": "reach-v3", "episode": 1, "seed": seed, "error": "RuntimeError: injected fault"}
+    assert [(f["task"], f["episode"]) for f in report["failures"]] == [("reach-v3", 1), ("window-close-v3", 0),
+                                                                     ("window-close-v3", 1)]
+    assert [("error" in e, e["episode"]) for e in report["episodes"]] == [(False, 0), (True, 1), (True, 0), (True, 1)]
+    reach, window, overall = report["tasks"]["reach-v3"], report["tasks"]["window-close-v3"], report["overall"]
+    assert (reach["episodes"], reach["failed"]) == (1, 1) and (window["episodes"], window["failed"]) == (0, 2)
+    assert (overall["episodes"], overall["failed"], overall["successes"]) == (1, 3, report["episodes"][0]["success"])
+
+
+KILLED_EVAL = """
+import os, signal, sys
+from vlaopt.eval import closed_loop
+
+real = closed_loop.run_episode
+
+def run_episode(model, env, *args):  # the process dies in the second task's first episode
+    if env.task == "window-close-v3":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(model, env, *args)
+
+closed_loop.run_episode = run_episode
+closed_loop.evaluate(sys.argv[1], ["reach-v3", "window-close-v3"], closed_loop.EvalConfig(episodes=2, max_steps=3,
+                     workers=0), progress=False, json_path=sys.argv[2])
+"""
+
+
+def test_killed_evaluation_leaves_its_finished_episodes(tmp_path: Path) -> None:
+    model_dir = _sim_model().save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval.json"
+    killed = subprocess.run([sys.executable, "-c", KILLED_EVAL, str(model_dir), str(out)], capture_output=True,
+                            timeout=150)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    report = json.loads(out.read_text())
+    assert report["complete"] is False
+    assert [(e["task"], e["episode"]) for e in report["episodes"]] == [("reach-v3", 0), ("reach-v3", 1)]
+    assert report["tasks"]["reach-v3"]["episodes"] == 2 and report["tasks"]["window-close-v3"]["episodes"] == 0
+    assert not list(tmp_path.glob(".eval.json.*"))  # no half-written report
+
+
+def test_a_dying_worker_fails_only_its_own_job() -> None:
+    """Job 2 kills its worker process, job 3 raises in its worker: each is reported failed once, with
+    its error, and every other job, including those that shared the broken pool, still runs."""
+    context = multiprocessing.get_context("spawn")
+    reports: list[tuple[int, object, str | None]] = []
+
+    def submit(pool: ProcessPoolExecutor, job: int):
+        if job == 2:
+            return pool.submit(os._exit, 1)
+        if job == 3:
+            return pool.submit(int, "three")
+        return pool.submit(pow, job, 2)
+
+    _run_in_pools(range(6), 2, lambda: ProcessPoolExecutor(2, mp_context=context), submit,
+                  lambda job, result, error: reports.append((job, result, error)))
+    by_job = {job: (result, error) for job, result, error in reports}
+    assert len(reports) == len(by_job) == 6
+    assert {job: by_job[job] for job in (0, 1, 4, 5)} == {0: (0, None), 1: (1, None), 4: (16, None), 5: (25, None)}
+    assert by_job[3] == (None, "ValueError: invalid literal for int() with base 10: 'three'")
+    assert by_job[2][0] is None and by_job[2][1].startswith("a worker process died while running these episodes")

@@ -2,7 +2,11 @@
 overall with Wilson 95% intervals, optional GIFs of the rollouts, and a JSON report.
 
 Workers are spawned (each gets a clean OpenGL context), load the model once and run torch on one
-thread, so `workers` processes use `workers` cores.
+thread, so `workers` processes use `workers` cores; they die with the process that started them.
+
+An evaluation keeps what it did: an episode that raises, or whose worker process dies, is reported
+as failed with its error while the other episodes still run, and the JSON report is rewritten after
+every finished job, so a run killed midway leaves its finished episodes on disk.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import json
 import math
 import multiprocessing
 import tempfile
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +44,13 @@ from vlaopt.model.vla import VLA
 from vlaopt.sim.env import DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_write_text
+from vlaopt.utils.processes import die_with_parent
 
 EPISODES_PER_JOB = 5
 """Episodes a worker runs with one env: amortizes the ~0.5 s env and renderer start."""
+
+Job = tuple[str, list[int]]
+"""A task and the indices of the episodes of it that one worker runs with one env."""
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
@@ -81,10 +91,12 @@ class EvalConfig:
 
 @dataclass
 class Rate:
-    """A success count with its rate and Wilson 95% interval."""
+    """A success count over the episodes that ran, with its rate and Wilson 95% interval, and the
+    number of episodes that failed to run (not counted in the rate)."""
 
     successes: int
     episodes: int
+    failed: int = 0
     success_rate: float = field(init=False)
     ci95: tuple[float, float] = field(init=False)
 
@@ -94,13 +106,26 @@ class Rate:
 
 
 @dataclass
+class EpisodeFailure:
+    """An episode that could not be run: the exception it raised, or the death of its worker process."""
+
+    task: str
+    episode: int
+    seed: int
+    error: str
+
+
+@dataclass
 class EvalResult:
-    """Per-task and overall success, with the settings and every episode's seed, outcome and length."""
+    """Per-task and overall success, with the settings and every episode's seed, outcome and length
+    (or error); `failures` lists the episodes that failed to run, `complete` is False while it runs."""
 
     settings: dict[str, Any]
     tasks: dict[str, Rate]
     overall: Rate
     episodes: list[dict[str, Any]]
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    complete: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,34 +134,49 @@ class EvalResult:
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1) + "\n")
 
 
+def _error_text(error: BaseException) -> str:
+    """How a failure shows in the report: the exception's type and message."""
+    return f"{type(error).__name__}: {error}"
+
+
 # ---- worker side ------------------------------------------------------------------------------------
 _MODEL: VLA | None = None
 
 
 def _init_worker(model_dir: str) -> None:
-    """Load the model once per worker process, on one torch thread."""
+    """Tie the worker's life to its parent's, then load the model once, on one torch thread."""
     global _MODEL
+    die_with_parent()
     torch.set_num_threads(1)
     _MODEL = VLA.from_pretrained(model_dir)
 
 
 def _run_job(cfg: EvalConfig, cameras: tuple[str, ...], task: str, episodes: list[int],
-             model: VLA | None = None) -> list[EpisodeResult]:
-    """Run `episodes` of `task` with one env; writes a GIF for the first `gif_episodes` of them."""
+             model: VLA | None = None) -> list[EpisodeResult | EpisodeFailure]:
+    """Run `episodes` of `task` with one env; writes a GIF for the first `gif_episodes` of them. An
+    episode that raises becomes an EpisodeFailure and the next one still runs."""
     model = model or _MODEL
     size = model.config.vision.image_size
-    results = []
+    results: list[EpisodeResult | EpisodeFailure] = []
     with SimEnv(task, eval_seed(cfg.seed, task, episodes[0]), cameras, size, cfg.max_steps) as env:
         for episode in episodes:
-            record = cfg.gif_dir is not None and episode < cfg.gif_episodes
-            rollout = RolloutConfig(cfg.execute, cfg.max_steps, record)
-            result = run_episode(model, env, episode, eval_seed(cfg.seed, task, episode), rollout)
-            if result.frames is not None:
-                _write_gif(Path(cfg.gif_dir) / f"{task}_{episode:03d}_{'success' if result.success else 'fail'}.gif",
-                           result.frames)
-                result.frames = None
-            results.append(result)
+            seed = eval_seed(cfg.seed, task, episode)
+            try:
+                results.append(_run_one(cfg, model, env, episode, seed))
+            except Exception as error:
+                results.append(EpisodeFailure(task, episode, seed, _error_text(error)))
     return results
+
+
+def _run_one(cfg: EvalConfig, model: VLA, env: SimEnv, episode: int, seed: int) -> EpisodeResult:
+    """One episode, and its GIF when it is among the first `gif_episodes`."""
+    record = cfg.gif_dir is not None and episode < cfg.gif_episodes
+    result = run_episode(model, env, episode, seed, RolloutConfig(cfg.execute, cfg.max_steps, record))
+    if result.frames is not None:
+        _write_gif(Path(cfg.gif_dir) / f"{env.task}_{episode:03d}_{'success' if result.success else 'fail'}.gif",
+                   result.frames)
+        result.frames = None
+    return result
 
 
 def _write_gif(path: Path, frames: Any) -> None:
@@ -147,11 +187,99 @@ def _write_gif(path: Path, frames: Any) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------------------
-def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, progress: bool = True) -> EvalResult:
+Finish = Callable[[Any, Any, "str | None"], None]
+"""`finish(job, result, error)`: called once per job, with its result, or with None and the error text."""
+
+
+def _run_in_pools(jobs: Sequence[Any], workers: int, make_pool: Callable[[], Executor],
+                  submit: Callable[[Executor, Any], Future], finish: Finish) -> None:
+    """Run `jobs`, at most `workers` at a time, in pools made by `make_pool`; report each via `finish`.
+
+    A worker process that dies breaks its pool, and every job running in it fails with
+    BrokenProcessPool. Those jobs rerun one at a time in a fresh pool, so only a job that kills a
+    worker on its own is reported failed, and all the other jobs still run.
+    """
+    queue: deque[Any] = deque(jobs)
+    suspects: deque[Any] = deque()  # were running when a worker died; each reruns alone
+    while queue or suspects:
+        with make_pool() as pool:
+            running: dict[Future, tuple[Any, bool]] = {}  # future -> (job, runs alone)
+            broken = False
+            try:
+                while True:
+                    while not broken and (picked := _next_job(queue, suspects, len(running), workers)):
+                        job, alone = picked
+                        try:
+                            running[submit(pool, job)] = (job, alone)
+                        except BrokenProcessPool:
+                            (suspects if alone else queue).appendleft(job)
+                            broken = True
+                    if not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job, alone = running.pop(future)
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool as error:
+                            broken = True
+                            if alone:
+                                finish(job, None, f"a worker process died while running these episodes ({error})")
+                            else:
+                                suspects.append(job)
+                        except Exception as error:
+                            finish(job, None, _error_text(error))
+                        else:
+                            finish(job, result, None)
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
+
+
+def _next_job(queue: deque[Any], suspects: deque[Any], busy: int, workers: int) -> tuple[Any, bool] | None:
+    """The job to start now and whether it runs alone: a suspect only in an idle pool (and nothing
+    else until the suspects are cleared), else a queued job while fewer than `workers` run."""
+    if suspects:
+        return (suspects.popleft(), True) if busy == 0 else None
+    if queue and busy < workers:
+        return queue.popleft(), False
+    return None
+
+
+def _summarize(tasks: list[str], cfg: EvalConfig, model: VLA, cameras: tuple[str, ...],
+               outcomes: list[EpisodeResult | EpisodeFailure], complete: bool) -> EvalResult:
+    """The report of the episodes finished so far; rates count only the episodes that ran."""
+    def order(o: EpisodeResult | EpisodeFailure) -> tuple[int, int]:
+        return tasks.index(o.task), o.episode
+
+    ran = sorted((o for o in outcomes if isinstance(o, EpisodeResult)), key=order)
+    failed = sorted((o for o in outcomes if isinstance(o, EpisodeFailure)), key=order)
+    per_task = {t: Rate(sum(r.success for r in ran if r.task == t), sum(r.task == t for r in ran),
+                        sum(f.task == t for f in failed)) for t in tasks}
+    settings = {**asdict(cfg), "tasks": tasks, "cameras": list(cameras),
+                "execute": cfg.execute or model.config.chunk, "chunk": model.config.chunk,
+                "image_size": model.config.vision.image_size}
+    episodes = sorted(ran + failed, key=order)
+    return EvalResult(
+        settings=settings,
+        tasks=per_task,
+        overall=Rate(sum(r.success for r in ran), len(ran), len(failed)),
+        episodes=[asdict(o) if isinstance(o, EpisodeFailure) else
+                  {"task": o.task, "episode": o.episode, "seed": o.seed, "success": o.success, "steps": o.steps}
+                  for o in episodes],
+        failures=[asdict(f) for f in failed],
+        complete=complete,
+    )
+
+
+def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, progress: bool = True,
+             json_path: str | Path | None = None) -> EvalResult:
     """Closed-loop success of `model` (a VLA, or a saved model directory / "default") on each task.
 
     With `cfg.workers` > 0 the episodes run in that many spawned processes; a VLA given as an object
-    is saved to a temporary directory for them.
+    is saved to a temporary directory for them. Episodes that fail to run are in `failures`, not in
+    the rates. With `json_path` the report is written there at the start and rewritten after every
+    finished job (`"complete": false` until the end).
     """
     tasks = list(dict.fromkeys(tasks))
     if not tasks:
@@ -162,44 +290,47 @@ def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, pro
     cameras = env_cameras(loaded.config, cfg.cameras)
     if cfg.execute is not None and cfg.execute > loaded.config.chunk:
         raise ValueError(f"execute={cfg.execute} exceeds the model's chunk of {loaded.config.chunk} actions")
-    jobs = [(task, list(range(start, min(start + EPISODES_PER_JOB, cfg.episodes))))
-            for start in range(0, cfg.episodes, EPISODES_PER_JOB) for task in tasks]
+    jobs: list[Job] = [(task, list(range(start, min(start + EPISODES_PER_JOB, cfg.episodes))))
+                       for start in range(0, cfg.episodes, EPISODES_PER_JOB) for task in tasks]
     columns = (TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("episodes, {task.fields[successes]} successes"), TimeElapsedColumn(), TimeRemainingColumn())
-    results: list[EpisodeResult] = []
-    with Progress(*columns, disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
-        bar_id = bar.add_task("eval", total=len(tasks) * cfg.episodes, successes=0)
+               TextColumn("episodes, {task.fields[successes]} successes, {task.fields[failed]} failed"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    outcomes: list[EpisodeResult | EpisodeFailure] = []
 
-        def record(done: list[EpisodeResult]) -> None:
-            results.extend(done)
-            bar.update(bar_id, advance=len(done), successes=sum(r.success for r in results))
+    def report(complete: bool) -> EvalResult:
+        result = _summarize(tasks, cfg, loaded, cameras, outcomes, complete)
+        if json_path is not None:
+            result.write_json(json_path)
+        return result
+
+    report(complete=False)
+    with Progress(*columns, disable=not progress) as bar, tempfile.TemporaryDirectory() as tmp:
+        bar_id = bar.add_task("eval", total=len(tasks) * cfg.episodes, successes=0, failed=0)
+
+        def finish(job: Job, done: list[EpisodeResult | EpisodeFailure] | None, error: str | None) -> None:
+            task, episodes = job
+            outcomes.extend(done if done is not None else
+                            [EpisodeFailure(task, e, eval_seed(cfg.seed, task, e), error or "") for e in episodes])
+            bar.update(bar_id, completed=len(outcomes), successes=sum(getattr(o, "success", False) for o in outcomes),
+                       failed=sum(isinstance(o, EpisodeFailure) for o in outcomes))
+            report(complete=False)
 
         if cfg.workers == 0:
-            for task, episodes in jobs:
-                record(_run_job(cfg, cameras, task, episodes, loaded))
+            for job in jobs:
+                try:
+                    done = _run_job(cfg, cameras, *job, loaded)
+                except Exception as error:
+                    finish(job, None, _error_text(error))
+                else:
+                    finish(job, done, None)
         else:
             model_dir = str(model) if not isinstance(model, VLA) else str(loaded.save_pretrained(Path(tmp) / "model"))
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
-                                     initargs=(model_dir,)) as pool:
-                pending: set[Future] = {pool.submit(_run_job, cfg, cameras, task, eps) for task, eps in jobs}
-                try:
-                    while pending:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            record(future.result())
-                except BaseException:
-                    pool.shutdown(cancel_futures=True)
-                    raise
-    results.sort(key=lambda r: (tasks.index(r.task), r.episode))
-    per_task = {t: Rate(sum(r.success for r in results if r.task == t), cfg.episodes) for t in tasks}
-    settings = {**asdict(cfg), "tasks": tasks, "cameras": list(cameras),
-                "execute": cfg.execute or loaded.config.chunk, "chunk": loaded.config.chunk,
-                "image_size": loaded.config.vision.image_size}
-    return EvalResult(
-        settings=settings,
-        tasks=per_task,
-        overall=Rate(sum(r.success for r in results), len(results)),
-        episodes=[{"task": r.task, "episode": r.episode, "seed": r.seed, "success": r.success, "steps": r.steps}
-                  for r in results],
-    )
+            _run_in_pools(
+                jobs, cfg.workers,
+                make_pool=lambda: ProcessPoolExecutor(cfg.workers, mp_context=context, initializer=_init_worker,
+                                                      initargs=(model_dir,)),
+                submit=lambda pool, job: pool.submit(_run_job, cfg, cameras, *job),
+                finish=finish,
+            )
+    return report(complete=True)
