@@ -28,7 +28,7 @@ def test_optimize_applies_a_yaml_recipe(tmp_path, capsys):
                  "--out", str(tmp_path / "opt")]) == 0
     assert "applied {'token_pruning'" in capsys.readouterr().out
     optimized = VLA.from_pretrained(tmp_path / "opt")
-    assert optimized.config.recipe == [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}]
+    assert optimized.config.recipe == [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5, "version": 1}}]
     reference = VLA.from_pretrained(tmp_path / "base")
     from vlaopt import apply
 
@@ -57,7 +57,7 @@ def test_collect_then_train_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--data", str(data), "--init", str(tmp_path / "m"), "--out", str(tmp_path / "ft"),
                  "--steps", "1", "--batch-size", "4", "--lr", "1e-12", "--val-fraction", "0.5", "--pruner", "lightvla"]) == 0
     tuned = VLA.from_pretrained(tmp_path / "ft")
-    expected = {"method": "lightvla", "layer": 0, "keep": 1.0, "train_path": "merge"}
+    expected = {"method": "lightvla", "layer": 0, "keep": 1.0, "train_path": "merge", "version": 1}
     assert tuned.config.recipe == [{"token_pruning": expected}]
     for name, value in model.state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[name], value, atol=1e-6, rtol=0)
@@ -95,4 +95,3 @@ def test_every_option_states_its_default():
             assert action.help, f"vla-opt {name} {action.option_strings[0]} has no help"
             text = formatter._get_help_string(action)
             assert action.required or "(default" in text, f"vla-opt {name} {action.option_strings[0]}: {text!r}"
-        assert "(default: " in sub.format_help()

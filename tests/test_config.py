@@ -38,3 +38,10 @@ def test_layout_spans_tile_the_sequence():
     assert spans[0].start == 0 and spans[-1].stop == layout.length == 27
     assert all(a.stop == b.start for a, b in zip(spans, spans[1:]))
     assert layout.with_visual(3).span("action") == slice(11, 19)  # 1 + 3 + 1 + 6
+
+
+def test_the_builtin_vocabulary_size_matches_the_builtin_tokenizer():
+    from vlaopt.config import BUILTIN_VOCAB_SIZE
+    from vlaopt.model.tokenizer import build_builtin_tokenizer
+
+    assert len(build_builtin_tokenizer()) == BUILTIN_VOCAB_SIZE == VLAConfig.tiny().lm.hf_config["vocab_size"]

@@ -192,7 +192,7 @@ def test_collect_rejects_bad_requests(tmp_path: Path) -> None:
 
 
 def test_collect_gives_up_when_the_expert_keeps_failing(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match=r"succeeded on only 0 of 6 attempts at 'reach-v3' within max_steps=2"):
+    with pytest.raises(ValueError, match=r"succeeded on only 0 of 6 attempts at 'reach-v3' within max_steps=2"):
         collect([TASK], 1, tmp_path, workers=0, image_size=8, cameras=("topview",), max_steps=2, progress=False)
     assert not (tmp_path / INDEX_NAME).exists() and not list(tmp_path.iterdir())
 

@@ -71,13 +71,18 @@ def test_save_then_load_gives_bit_identical_actions(tmp_path, head):
     assert loaded.config.to_dict() == model.config.to_dict()
 
 
-def test_save_over_existing_directory_replaces_it(tmp_path, tiny_model):
+def test_save_over_an_existing_model_replaces_its_files_and_keeps_the_users(tmp_path, tiny_model):
     target = tmp_path / "m"
+    VLA(VLAConfig.tiny(proprio_dim=4, cameras=2, seed=7)).save_pretrained(target)
+    (target / "notes.txt").write_text("mine")
     tiny_model.save_pretrained(target)
-    (target / "stale.txt").write_text("old")
-    tiny_model.save_pretrained(target)
-    assert not (target / "stale.txt").exists()
+    images, instructions, proprio = observations(tiny_model.config)
+    loaded = VLA.from_pretrained(target)
+    assert torch.equal(loaded.predict_action(images, instructions, proprio),
+                       tiny_model.predict_action(images, instructions, proprio))
+    assert (target / "notes.txt").read_text() == "mine"
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folders left behind
+    assert not [p.name for p in target.iterdir() if p.name.startswith(".")]
 
 
 def test_same_seed_same_model_other_seed_other_model():

@@ -1,12 +1,18 @@
-"""Behaviour-cloning trainer: the loss falls, checkpoints resume, bad resumes are explained."""
+"""Behaviour-cloning trainer: the loss falls, a stopped run resumes exactly, runs extend, bad resumes are explained."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from vlaopt import VLA, VLAConfig, apply
+from vlaopt.bench.heldout import HELDOUT_FILE
+from vlaopt.cli import build_parser, main
+from vlaopt.data.episodes import Episode, write_episode, write_index
 from vlaopt.train.schedules import lightvla_noise, lr_factor
 from vlaopt.train.trainer import TrainConfig, train
 
@@ -40,13 +46,48 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     assert loaded.stats()["action"]["q01"] == STATS["action"]["q01"]
 
 
-def test_resume_continues_where_it_stopped(tmp_path):
+class _Stop(Exception):
+    """Stands for a kill: raised in the middle of a run."""
+
+
+@pytest.mark.parametrize("head", ["l1", "flow"])  # flow: a loss that draws from the torch RNG
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, head):
+    cfg = VLAConfig.tiny(proprio_dim=2, head=head)
+    data = _samples(cfg, 24)  # 3 batches per epoch: the stop falls inside an epoch
+    tc = TrainConfig(steps=8, batch_size=8, lr=1e-3, warmup_steps=2, val_every=3, save_every=4)
+    reference = VLA(cfg)
+    ref_log = train(reference, data, data[:8], tmp_path / "ref", tc, STATS, progress=False)
+    losses = VLA.compute_loss
+    calls = []
+
+    def stop_at_step_6(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise _Stop
+        return losses(self, *args, **kwargs)
+
+    monkeypatch.setattr(VLA, "compute_loss", stop_at_step_6)
+    with pytest.raises(_Stop):
+        train(VLA(cfg), data, data[:8], tmp_path / "run", tc, STATS, progress=False)
+    monkeypatch.setattr(VLA, "compute_loss", losses)
+    resumed = VLA(cfg)
+    log = train(resumed, data, data[:8], tmp_path / "run", tc, STATS, progress=False)  # from the step-4 checkpoint
+    assert log == ref_log
+    saved = VLA.from_pretrained(tmp_path / "run").state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value) and torch.equal(saved[name], value), name
+
+
+def test_a_finished_run_extends_with_more_steps(tmp_path):
     cfg = VLAConfig.tiny(proprio_dim=2)
     data = _samples(cfg, 16)
     tc = dict(batch_size=8, lr=1e-3, warmup_steps=2, val_every=100, save_every=4)
     train(VLA(cfg), data, None, tmp_path / "run", TrainConfig(steps=4, **tc), STATS, progress=False)
     log = train(VLA(cfg), data, None, tmp_path / "run", TrainConfig(steps=8, **tc), STATS, progress=False)
     assert [s for s, _ in log["loss"]] == list(range(1, 9))
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000008"]
+    with pytest.raises(ValueError, match=r"cannot resume .*run with steps=6: its checkpoint is at step 8 already"):
+        train(VLA(cfg), data, None, tmp_path / "run", TrainConfig(steps=6, **tc), STATS, progress=False)
 
 
 def test_resume_with_another_config_explains_the_difference(tmp_path):
@@ -71,6 +112,62 @@ def test_lightvla_noise_decays_during_training(tmp_path):
                                                                         save_every=4), STATS, progress=False)
     assert seen == [1.0, 0.75, 0.5, 0.25]
     assert not model.lm.hooks[0].training  # back in eval mode: it prunes for real
+
+
+def _collection(root: Path, episodes: int = 4, steps: int = 12) -> Path:
+    """A tiny collection folder in the `vla-opt collect` format (random frames; no simulator needed)."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(episodes):
+        episode = Episode(images=rng.integers(0, 256, (steps, 2, 32, 32, 3), dtype=np.uint8),
+                          proprio=rng.standard_normal((steps, 4)).astype(np.float32),
+                          actions=rng.uniform(-1, 1, (steps, 4)).astype(np.float32), task="reach-v3",
+                          instruction="move the gripper to the goal", cameras=("corner4", "topview"), seed=i,
+                          success=True, success_step=steps - 1)
+        write_episode(root / f"ep{i}.npz", episode)
+        entries.append({"file": f"ep{i}.npz", "task": "reach-v3", "instruction": episode.instruction, "seed": i,
+                        "attempt": i, "length": steps, "success": True, "success_step": steps - 1})
+    write_index(root, {"tasks": ["reach-v3"], "image_size": 32}, entries, attempts={"reach-v3": episodes},
+                metaworld_version="test")
+    return root
+
+
+@pytest.fixture
+def cli_run(tmp_path):
+    """`vla-opt train` arguments for a tiny model on a tiny collection, into tmp_path/run."""
+    VLAConfig.tiny(cameras=2, proprio_dim=4, action_dim=4).save(tmp_path / "cfg.json")
+    data = _collection(tmp_path)
+    return ["train", "--data", str(data), "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
+            "--batch-size", "4", "--val-every", "4", "--save-every", "4", "--val-fraction", "0.25"]
+
+
+def test_the_cli_extends_a_finished_run_keeping_its_warmup(tmp_path, cli_run, capsys):
+    run = tmp_path / "run"
+    assert main([*cli_run, "--steps", "4"]) == 0  # warm-up min(100, 4 // 10 + 1) = 1
+    assert "training with 1 torch thread(s)" in capsys.readouterr().out
+    heldout = (run / HELDOUT_FILE).read_bytes()
+    assert main([*cli_run, "--steps", "12"]) == 0  # 12 // 10 + 1 would be 2: the saved run's 1 is kept
+    state = json.loads((run / "checkpoints" / "step-000012" / "trainer_state.json").read_text())
+    assert state["train_config"]["warmup_steps"] == 1 and [s for s, _ in state["log"]["loss"]] == list(range(1, 13))
+    assert (run / HELDOUT_FILE).read_bytes() == heldout  # written once, at the start of the run
+    capsys.readouterr()
+    assert main([*cli_run, "--steps", "14", "--warmup-steps", "3"]) == 2
+    assert "train.warmup_steps: saved 1 vs now 3" in capsys.readouterr().err
+
+
+def test_the_cli_writes_heldout_before_training_and_refuses_bad_threads(tmp_path, cli_run, monkeypatch, capsys):
+    import vlaopt.train.trainer as trainer
+
+    def fake_train(*args, **kwargs):
+        assert (tmp_path / "run" / HELDOUT_FILE).is_file()  # there from the start, whenever the run is killed
+        assert torch.get_num_threads() == 1
+        return {"loss": [], "val_action_error": []}
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert build_parser().parse_args(cli_run).threads == 1
+    assert main([*cli_run, "--steps", "2"]) == 0
+    assert main([*cli_run, "--threads", "-1"]) == 2
+    assert "vla-opt: error: --threads -1 must be 0" in capsys.readouterr().err
 
 
 def test_schedules():

@@ -70,26 +70,34 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    """Record successful scripted-expert episodes of MetaWorld tasks."""
+    """Record successful scripted-expert episodes of MetaWorld tasks (`--resume` continues a killed run)."""
     from vlaopt.data.collect import collect
     from vlaopt.sim.tasks import resolve_tasks
 
     index = collect(resolve_tasks(args.tasks), args.episodes_per_task, args.out, workers=args.workers,
-                    image_size=args.image_size, cameras=tuple(args.cameras), max_steps=args.max_steps, seed=args.seed)
+                    image_size=args.image_size, cameras=tuple(args.cameras), max_steps=args.max_steps, seed=args.seed,
+                    resume=args.resume)
     Console().print(f"wrote {index}")
     return 0
 
 
 def _train(args: argparse.Namespace) -> int:
-    """Behaviour-clone a VLA (a config file, or fine-tune a saved model) on a collection of demonstrations."""
+    """Behaviour-clone a VLA (a config file, or fine-tune a saved model) on a collection of demonstrations;
+    rerun to resume from the newest checkpoint in --out, or with more --steps to extend a finished run."""
     from vlaopt.bench import heldout as held
     from vlaopt.data.dataset import EpisodeDataset, compute_stats
     from vlaopt.model.vla import VLA
     from vlaopt.optimize import apply
-    from vlaopt.train.trainer import TrainConfig, train
+    from vlaopt.train.trainer import TrainConfig, saved_train_config, train
 
     if (args.config is None) == (args.init is None):
         raise UsageError("vla-opt train needs exactly one of --config (a new model) or --init (fine-tune a saved one)")
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} must be 0 (torch's default) or a positive number of threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console = Console()
+    console.print(f"training with {torch.get_num_threads()} torch thread(s)")
     model = VLA.from_pretrained(args.init) if args.init else VLA(VLAConfig.load(args.config))
     cfg, source = model.config, args.init or args.config
     train_set = EpisodeDataset(args.data, "train", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
@@ -104,14 +112,20 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"model {source} does not fit the data in {args.data}: {'; '.join(bad)}")
     if args.pruner:
         apply(model, [{"token_pruning": {"method": args.pruner, "train_path": args.train_path}}])
+    saved = None if args.no_resume else saved_train_config(args.out)  # raises for a model without training state
+    warmup = args.warmup_steps
+    if warmup is None:
+        warmup = saved["warmup_steps"] if saved else min(100, args.steps // 10 + 1)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     val_every=args.val_every, save_every=args.save_every, warmup_steps=min(100, args.steps // 10 + 1))
+                     val_every=args.val_every, save_every=args.save_every, warmup_steps=warmup)
+    heldout = Path(args.out) / held.HELDOUT_FILE
+    if saved is None or not heldout.is_file():  # written once, at the start of a run
+        held.save_npz(held.from_collection(args.data, held.HELDOUT_SAMPLES, cfg.chunk, seed=args.seed,
+                                           val_fraction=args.val_fraction), heldout)
     log = train(model, train_set, val_set, args.out, tc, compute_stats(train_set), resume=not args.no_resume)
-    held.save_npz(held.from_collection(args.data, held.HELDOUT_SAMPLES, cfg.chunk, seed=args.seed,
-                                       val_fraction=args.val_fraction), Path(args.out) / held.HELDOUT_FILE)
     last = log["val_action_error"][-1][1] if log["val_action_error"] else float("nan")
-    Console().print(f"saved {args.out} (with {held.HELDOUT_FILE}, held-out demos for vla-opt bench); "
-                    f"final validation action L1 error {last:.4f}")
+    console.print(f"saved {args.out} (with {held.HELDOUT_FILE}, held-out demos for vla-opt bench); "
+                  f"final validation action L1 error {last:.4f}")
     return 0
 
 
@@ -120,11 +134,9 @@ def _bench(args: argparse.Namespace) -> int:
     from vlaopt.bench import heldout as held
     from vlaopt.bench.harness import BenchConfig, random_observations, run_bench
     from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files
-    from vlaopt.bench.report import to_table, write_outputs
+    from vlaopt.bench.report import to_table, write_outputs, write_results
     from vlaopt.model.vla import VLA, resolve_model_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model_dir = resolve_model_dir(args.model)
     success = None
     if args.success:
@@ -143,25 +155,29 @@ def _bench(args: argparse.Namespace) -> int:
         recipes = {k: DEFAULT_RECIPES[k] for k in QUICK_RECIPES}
     else:
         recipes = DEFAULT_RECIPES
-    cfg = BenchConfig(batch=args.batch, repeats=args.repeats or (5 if args.quick else 15),
-                      warmup=1 if args.quick else 3, eval_samples=16 if args.quick else 64)
-    if args.data:
-        heldout = held.from_collection(args.data, cfg.eval_samples, model.config.chunk)
-    elif (model_dir / held.HELDOUT_FILE).is_file():
-        heldout = held.load_npz(model_dir / held.HELDOUT_FILE).take(slice(0, cfg.eval_samples))
-    else:
-        heldout = None
+    threads = args.threads if args.threads is not None else (1 if model.device.type == "cpu" else 0)
+    cfg = BenchConfig(batch=args.batch, repeats=args.repeats or (5 if args.quick else 15), threads=threads,
+                      warmup=1 if args.quick else 3, eval_samples=16 if args.quick else held.HELDOUT_SAMPLES)
+    available = held.for_model(model_dir, args.data, model.config.chunk)
+    heldout = None if available is None else available.spread(cfg.eval_samples)
     timing = heldout if heldout is not None and len(heldout) >= cfg.batch else random_observations(model.config, cfg.batch)
-    result = run_bench(model, recipes, timing, heldout, cfg, success)
-    console = Console()
-    console.print(to_table(result))
-    for path in write_outputs(result, args.json, args.out):
+    console, settings = Console(), {}
+    if args.quick:
+        samples = "no held-out samples" if heldout is None else f"{len(heldout)} of {len(available)} held-out samples"
+        settings["quick"] = f"{len(recipes)} recipes, {cfg.repeats} rounds, {samples}"
+        console.print(f"quick: {settings['quick']}")
+    json_path = Path(args.out) / args.json
+    result = run_bench(model, recipes, timing, heldout, cfg, success, settings=settings,
+                       on_update=lambda partial: write_results(partial, json_path, args.out))
+    console.print(to_table(result, wide=args.wide))
+    for path in write_outputs(result, json_path, args.out):
         console.print(f"wrote {path}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    """Closed-loop success on MetaWorld tasks and/or the open-loop action error on held-out demos."""
+    """Closed-loop success on MetaWorld tasks and/or the open-loop action error on held-out demos; exit
+    status 1 when some closed-loop episodes failed to run (they are listed after the table)."""
     from vlaopt.model.vla import VLA
 
     if not args.tasks and not args.data:
@@ -182,17 +198,24 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = EvalConfig(episodes=args.episodes, execute=args.execute, max_steps=args.max_steps, seed=args.seed,
                          workers=args.workers, cameras=tuple(args.cameras) if args.cameras else None,
                          gif_dir=args.gifs, gif_episodes=args.gif_episodes)
-        result = evaluate(args.model, resolve_tasks(args.tasks), cfg)
+        result = evaluate(args.model, resolve_tasks(args.tasks), cfg, json_path=args.json)
         table = Table(title=f"closed-loop success, {args.episodes} episodes per task, seed {args.seed}, "
                             f"{result.settings['execute']} of {result.settings['chunk']} actions per chunk")
-        for col in ("task", "success", "95% CI"):
+        columns = ("task", "success", "95% CI", *(("failed",) if result.failures else ()))
+        for col in columns:
             table.add_column(col, justify="left" if col == "task" else "right")
         for name, rate in [*result.tasks.items(), ("overall", result.overall)]:
             table.add_row(name, f"{rate.successes}/{rate.episodes} = {rate.success_rate:.0%}",
-                          f"{rate.ci95[0]:.0%} - {rate.ci95[1]:.0%}")
+                          f"{rate.ci95[0]:.0%} - {rate.ci95[1]:.0%}", *((str(rate.failed),) if result.failures else ()))
         console.print(table)
+        for failure in result.failures:
+            console.print(f"failed: {failure['task']} episode {failure['episode']} (seed {failure['seed']}): "
+                          f"{failure['error']}", markup=False, highlight=False)
         if args.json:
-            console.print(f"wrote {result.write_json(args.json)}")
+            console.print(f"wrote {args.json}")
+        if result.failures:
+            console.print(f"{len(result.failures)} episode(s) failed to run; the rates count only the episodes that ran")
+            return 1
     return 0
 
 
@@ -223,33 +246,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class())
     demo = sub.add_parser("demo", help="build a tiny VLA and time one action chunk, stage by stage")
-    demo.add_argument("--lm", choices=LM_FAMILIES, default="llama")
-    demo.add_argument("--head", choices=HEAD_KINDS, default="l1")
-    demo.add_argument("--vision", choices=VISION_KINDS, default="siglip")
-    demo.add_argument("--cameras", type=int, default=2)
-    demo.add_argument("--image-size", type=int, default=64)
-    demo.add_argument("--batch", type=int, default=1)
-    demo.add_argument("--repeats", type=int, default=20)
-    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    demo.add_argument("--lm", choices=LM_FAMILIES, default="llama", help="decoder LM family of the tiny model")
+    demo.add_argument("--head", choices=HEAD_KINDS, default="l1", help="action head")
+    demo.add_argument("--vision", choices=VISION_KINDS, default="siglip", help="vision backbone")
+    demo.add_argument("--cameras", type=int, default=2, help="camera images per observation")
+    demo.add_argument("--image-size", type=int, default=64, help="image height and width in pixels")
+    demo.add_argument("--batch", type=int, default=1, help="observations per predict_action call")
+    demo.add_argument("--repeats", type=int, default=20, help="timed predict_action calls")
+    demo.add_argument("--threads", type=int, default=1, help="torch threads for the timing (0: torch's default)")
     demo.set_defaults(func=_demo)
     opt = sub.add_parser("optimize", help="apply a recipe (YAML list of steps) to a saved model")
     opt.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
-    opt.add_argument("--out", required=True, help="directory for the optimized model")
+    opt.add_argument("--out", required=True,
+                     help="directory for the optimized model; may be --model itself: only the model's files are "
+                          "replaced, others there (heldout.npz, checkpoints, notes) are kept")
     opt.set_defaults(func=_optimize)
     from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
     bench.add_argument("--model", default="default", help="model directory, or 'default' (the bundled policy)")
     bench.add_argument("--recipes", nargs="+", help="recipe YAML files (each one recipe, named by its file stem)")
-    bench.add_argument("--quick", action="store_true", help="three recipes, few rounds: about a minute")
+    bench.add_argument("--quick", action="store_true",
+                       help="three recipes, 5 rounds, 16 of the held-out samples: seconds, a first look only")
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
-    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--batch", type=int, default=1, help="observations per timed predict_action call")
     bench.add_argument("--repeats", type=int, default=0, help="timing rounds (0: 15, or 5 with --quick)")
-    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--threads", type=int,
+                       help="torch threads the bench runs on, printed with the results (0: torch's default) "
+                            "(default: 1 on CPU, torch's default with --device cuda)")
     bench.add_argument("--data", help="collection folder whose validation episodes give held-out demonstrations")
-    bench.add_argument("--json", default="bench-results/bench.json", help="where the JSON result goes")
-    bench.add_argument("--out", default="bench-results", help="folder for bench.md, pareto.png, stages.png")
+    bench.add_argument("--out", default="bench-results",
+                       help="folder for everything bench writes: the JSON, bench.md, pareto.png, stages.png")
+    bench.add_argument("--json", default="bench.json", help="file name of the JSON result inside --out")
+    bench.add_argument("--wide", action="store_true", help="print every column (bench.md always has them all)")
     bench.add_argument("--success", action="store_true", help="add closed-loop success (vla-opt eval) per recipe")
     bench.add_argument("--tasks", help="tasks for --success (default for the bundled policy: its six tasks)")
     bench.add_argument("--episodes", type=int, default=10, help="--success episodes per task")
@@ -260,31 +290,44 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
     col = sub.add_parser("collect", help="record MetaWorld scripted-expert demonstrations")
     col.add_argument("--tasks", required=True, help="mt10, mt50, default (the default policy's six), a task such as reach-v3, or a comma list")
-    col.add_argument("--episodes-per-task", type=int, required=True)
-    col.add_argument("--out", required=True)
-    col.add_argument("--workers", type=int, default=2)
-    col.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    col.add_argument("--cameras", nargs="+", default=list(DEFAULT_CAMERAS))
-    col.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
-    col.add_argument("--seed", type=int, default=0)
+    col.add_argument("--episodes-per-task", type=int, required=True, help="successful episodes to keep per task")
+    col.add_argument("--out", required=True, help="collection folder (new or empty, or an unfinished one with --resume)")
+    col.add_argument("--workers", type=int, default=2, help="parallel processes (0: this process)")
+    col.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE, help="rendered image height and width in pixels")
+    col.add_argument("--cameras", nargs="+", default=list(DEFAULT_CAMERAS), help="MetaWorld cameras to render")
+    col.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="steps per episode before it counts as failed")
+    col.add_argument("--seed", type=int, default=0, help="base seed of the episodes' initial states")
+    col.add_argument("--resume", action="store_true",
+                     help="continue the interrupted collection in --out (same settings; finished attempts are kept)")
     col.set_defaults(func=_collect)
     tr = sub.add_parser("train", help="behaviour-clone a VLA on collected demonstrations")
     tr.add_argument("--data", required=True, help="collection folder written by `vla-opt collect`")
     tr.add_argument("--config", help="VLAConfig as YAML or JSON (a new model)")
     tr.add_argument("--init", help="fine-tune this saved model (a directory, or 'default') instead of --config")
-    tr.add_argument("--out", required=True, help="model directory (checkpoints land here; rerun to resume)")
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=3e-4)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--val-fraction", type=float, default=0.1)
-    tr.add_argument("--val-every", type=int, default=500)
-    tr.add_argument("--save-every", type=int, default=500)
+    tr.add_argument("--out", required=True,
+                    help="run folder: the model, heldout.npz, and checkpoints/step-*/ (model + trainer state); "
+                         "rerun to resume from its newest checkpoint")
+    tr.add_argument("--steps", type=int, default=2000,
+                    help="total optimizer steps of the run (a larger value on resume extends a finished run)")
+    tr.add_argument("--warmup-steps", type=int,
+                    help="linear learning-rate warm-up steps before the cosine decay; extending a run with more --steps "
+                         "stretches the decay to the new total (default: on resume the saved run's value, "
+                         "else min(100, steps // 10 + 1))")
+    tr.add_argument("--batch-size", type=int, default=32, help="samples per optimizer step")
+    tr.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    tr.add_argument("--seed", type=int, default=0, help="seed of the train/val split, the batch order and the noise")
+    tr.add_argument("--val-fraction", type=float, default=0.1, help="fraction of each task's episodes held out")
+    tr.add_argument("--val-every", type=int, default=500, help="steps between validation action-error measurements")
+    tr.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and at the last step)")
+    tr.add_argument("--threads", type=int, default=1,
+                    help="torch threads, printed at the start (0: torch's default) (default 1: on a 2-core machine a "
+                         "second thread made training 1.2x faster when idle but 8x slower while another job kept a core busy)")
     tr.add_argument("--pruner", choices=["lightvla"], help="train with a LightVLA pruner (noise decays 1 -> 0)")
     tr.add_argument("--train-path", choices=TRAIN_PATHS, default="merge",
                     help="what the LM sees while the pruner trains: merge (LightVLA: each patch replaced by its vote) "
                          "or drop (the inference sequence, gradients still straight through)")
-    tr.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
+    tr.add_argument("--no-resume", action="store_true",
+                    help="start over: discard the checkpoints in --out and overwrite its model (other files stay)")
     tr.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="closed-loop success on MetaWorld tasks; open-loop action error on demos")
     ev.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
@@ -293,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--execute", type=int, help="actions executed per predicted chunk (default: the whole chunk)")
     ev.add_argument("--workers", type=int, default=2, help="parallel processes (0: this process)")
     ev.add_argument("--seed", type=int, default=0, help="base seed of the episodes' initial states")
-    ev.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
+    ev.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="steps per episode before it counts as failed")
     ev.add_argument("--cameras", nargs="+", help=f"cameras to render (default: {' '.join(DEFAULT_CAMERAS)})")
-    ev.add_argument("--json", help="write per-task and overall success (and every episode) to this file")
+    ev.add_argument("--json", help="write per-task and overall success (and every episode) to this file, "
+                                   "rewritten as episodes finish (\"complete\": false until the end)")
     ev.add_argument("--gifs", help="folder for rollout GIFs")
     ev.add_argument("--gif-episodes", type=int, default=1, help="GIFs of the first N episodes of each task")
     ev.add_argument("--data", help="collection folder: also report the open-loop action L1 on its val split")

@@ -25,6 +25,7 @@ HEAD_KINDS = ("l1", "discrete", "diffusion", "flow", "expert")
 KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
 INTEGRATORS = ("euler", "midpoint")
 TRAJECTORY_MODES = ("flow", "autoregressive")
+BUILTIN_VOCAB_SIZE = 3 + 256 + 256  # the built-in byte tokenizer: 3 specials, 256 bytes, 256 action bins
 EXPERT_ONLY = {"kv_layers": "all", "integrator": "euler", "reasoning_tokens": 0, "temperature": 0.0, "top_p": 1.0,
                "trajectory": "flow"}  # HeadConfig fields (and defaults) that only the expert head reads
 
@@ -215,8 +216,6 @@ class VLAConfig:
     ) -> VLAConfig:
         """A few-hundred-thousand-parameter VLA for tests and demos (built from config, no download)."""
         check_choice("lm", lm, LM_FAMILIES)
-        from vlaopt.model.tokenizer import BUILTIN_VOCAB_SIZE
-
         hf = {
             "model_type": lm,
             "vocab_size": BUILTIN_VOCAB_SIZE,

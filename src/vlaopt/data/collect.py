@@ -64,8 +64,9 @@ class CollectionInUseError(OSError):
     """The collection folder is locked by another collection that is still running."""
 
 
-class ExpertGaveUpError(RuntimeError):
-    """A task's scripted expert failed too often to give the requested number of episodes."""
+class ScriptedPolicyGaveUpError(ValueError):
+    """A task's scripted policy failed too often to give the requested number of episodes (a setting,
+    usually max_steps, is too tight: the CLI prints it as a user error)."""
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,7 @@ def _collect_missing(settings: CollectSettings, out: Path, workers: int, finishe
         while deficit > 0:
             if not todo[task]:
                 if unfinished[task] == 0:
-                    raise ExpertGaveUpError(
+                    raise ScriptedPolicyGaveUpError(
                         f"the scripted expert succeeded on only {successes(task)} of {settings.max_attempts} "
                         f"attempts at {task!r} within max_steps={settings.max_steps}; raise max_steps"
                     )
@@ -424,7 +425,7 @@ def collect(
         _write_progress(out, settings, finished)
         try:
             _collect_missing(settings, out, workers, finished, progress)
-        except ExpertGaveUpError:
+        except ScriptedPolicyGaveUpError:
             (out / PROGRESS_NAME).unlink()  # the same settings would give up again: nothing to resume
             raise
         # The kept attempts end where the uninterrupted run ends: at the success that completes each task.

@@ -125,3 +125,15 @@ def _stats(values: np.ndarray) -> dict[str, list[float]]:
         "min": values.min(axis=0).tolist(),
         "max": values.max(axis=0).tolist(),
     }
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack per-timestep samples (images, instruction, proprio, actions) into a batch."""
+    batch = {
+        "images": torch.stack([torch.as_tensor(s["images"]) for s in samples]),
+        "instructions": [s["instruction"] for s in samples],
+        "actions": torch.stack([torch.as_tensor(s["actions"], dtype=torch.float32) for s in samples]),
+    }
+    if samples[0].get("proprio") is not None:
+        batch["proprio"] = torch.stack([torch.as_tensor(s["proprio"], dtype=torch.float32) for s in samples])
+    return batch

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from vlaopt.data.dataset import EpisodeDataset, Split
 from vlaopt.model.vla import VLA
-from vlaopt.train.trainer import collate
+from vlaopt.data.dataset import collate
 
 
 @dataclass

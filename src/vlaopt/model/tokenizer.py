@@ -12,9 +12,10 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from vlaopt.config import BUILTIN_VOCAB_SIZE
+
 SPECIALS = ("<pad>", "<s>", "</s>")
 ACTION_BINS = 256
-BUILTIN_VOCAB_SIZE = len(SPECIALS) + 256 + ACTION_BINS
 
 
 def build_builtin_tokenizer() -> PreTrainedTokenizerFast:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +22,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from vlaopt.config import VLAConfig
-from vlaopt.model.checkpoint import CheckpointError, load_weights, save_weights
+from vlaopt.model.checkpoint import (CheckpointError, load_weights, non_finite_entry, read_stats, replace_files,
+                                     save_weights, verify_manifest)
 from vlaopt.model.expert_policy import act, expert_loss
 from vlaopt.model.heads import build_head
 from vlaopt.model.language import LanguageModel, build_causal_lm
@@ -37,6 +35,9 @@ from vlaopt.utils.io import atomic_write_text
 from vlaopt.utils.timer import NULL_TIMER, Timer
 
 CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "stats.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what a fast tokenizer's save_pretrained writes
+MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE, *TOKENIZER_FILES)
+"""The files `from_pretrained` needs; `save_pretrained` records them (and any other tokenizer file) in manifest.json."""
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
 """The trained default policy shipped in the package (README, "The default policy")."""
 
@@ -103,44 +104,65 @@ class VLA(nn.Module):
         return out
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write config.json, model.safetensors, stats.json and the tokenizer; the folder is
-        assembled beside the target and renamed into place, so a failed save loses nothing."""
+        """Write config.json, model.safetensors, stats.json, the tokenizer and manifest.json (their sha256
+        checksums, which `from_pretrained` verifies) into `directory`, e.g. a run folder or ".".
+
+        Only the model's own files are replaced, each atomically (written under a temporary name in the
+        folder, then renamed into place); anything else there (notes, heldout.npz, training checkpoints)
+        is left alone, and a file is removed only if the previous save's manifest recorded it.
+        """
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
-            self.config.dtype = str(self.lm.causal_lm.get_input_embeddings().weight.dtype).removeprefix("torch.")
-            self.config.save(tmp / CONFIG_FILE)
-            save_weights(self, tmp / WEIGHTS_FILE)
-            atomic_write_text(tmp / STATS_FILE, json.dumps(self.stats(), indent=2))
-            self.tokenizer.save_pretrained(tmp)
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(directory, old)
-            os.replace(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        self.config.dtype = str(self.lm.causal_lm.get_input_embeddings().weight.dtype).removeprefix("torch.")
+        stats = self.stats()
+        bad = non_finite_entry(stats)
+        if bad:
+            raise ValueError(f"cannot save to {directory}: normalization statistic {bad[0]} is {bad[1]}; "
+                             "set finite statistics with set_stats first")
+
+        def write(staging: Path) -> None:
+            self.config.save(staging / CONFIG_FILE)
+            save_weights(self, staging / WEIGHTS_FILE)
+            atomic_write_text(staging / STATS_FILE, json.dumps(stats, indent=2))
+            self.tokenizer.save_pretrained(staging)
+
+        return replace_files(directory, write)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VLA:
-        """Load a model written by `save_pretrained`; "default" loads the packaged default policy."""
+        """Load a model written by `save_pretrained`; "default" loads the packaged default policy.
+
+        A missing file, an unreadable config.json, tokenizer or weight file, NaN / infinite statistics, or
+        a file whose sha256 differs from the one its manifest.json recorded raises one CheckpointError
+        naming the file. Folders without a manifest (saved by older versions) load unverified.
+        """
         directory = resolve_model_dir(directory)
         if not directory.is_dir():
             raise CheckpointError(f"checkpoint directory {directory} does not exist")
-        for name in (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE):
+        for name in MODEL_FILES:
             if not (directory / name).is_file():
                 raise CheckpointError(f"checkpoint directory {directory} lacks {name}")
-        config = VLAConfig.load(directory / CONFIG_FILE)
-        model = cls(config, tokenizer=load_tokenizer(str(directory)), load_lm_weights=False)
+        config_path = directory / CONFIG_FILE
+        try:
+            config = VLAConfig.load(config_path)
+        except (ValueError, TypeError) as exc:
+            message = str(exc) if str(config_path) in str(exc) else f"config file {config_path} cannot be loaded: {exc}"
+            raise CheckpointError(message) from exc
+        try:
+            tokenizer = load_tokenizer(str(directory))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"the tokenizer in {directory} cannot be loaded: {exc}") from exc
+        model = cls(config, tokenizer=tokenizer, load_lm_weights=False)
         model.to(getattr(torch, config.dtype))
         load_weights(model, directory / WEIGHTS_FILE)
-        model.set_stats(json.loads((directory / STATS_FILE).read_text()))
+        stats_path = directory / STATS_FILE
+        try:
+            model.set_stats(read_stats(stats_path))
+        except CheckpointError:
+            raise
+        except ValueError as exc:
+            raise CheckpointError(f"stats file {stats_path}: {exc}") from exc
+        # checked last, so that a damaged file is reported by its own fault (a missing key, a bad shape) if it has one
+        verify_manifest(directory)
         return model.to(device).eval()
 
     @classmethod
@@ -170,6 +192,8 @@ class VLA(nn.Module):
         if tuple(images.shape[2:4]) != (size, size):
             raise ValueError(f"images are {images.shape[2]}x{images.shape[3]}, expected {size}x{size} in shape {expected}")
         batch = images.shape[0]
+        if batch == 0:
+            raise ValueError(f"images have shape {tuple(images.shape)}: a batch of 0 observations; expected at least one")
         if isinstance(instructions, str):
             instructions = [instructions]
         instructions = list(instructions)
@@ -196,6 +220,15 @@ class VLA(nn.Module):
     def _prompt_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded prompt ids (B, L) and their validity mask."""
         ids = [self.tokenizer(prompt_text(t), add_special_tokens=False)["input_ids"] for t in instructions]
+        limit = getattr(self.lm.causal_lm.config, "max_position_embeddings", None)
+        if limit is not None:
+            others = self.sequence_length(0)
+            for i, x in enumerate(ids):
+                if others + len(x) > limit:
+                    raise ValueError(
+                        f"instruction {i} ({len(instructions[i])} characters) takes {len(x)} prompt tokens: the sequence "
+                        f"would hold {others + len(x)} positions, beyond the LM's max_position_embeddings={limit}; "
+                        f"shorten it to at most {limit - others} prompt tokens")
         length = max(len(x) for x in ids)
         out = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         valid = torch.zeros((len(ids), length), dtype=torch.bool)
@@ -203,6 +236,12 @@ class VLA(nn.Module):
             out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
             valid[i, : len(x)] = True
         return out.to(self.device), valid.to(self.device)
+
+    def sequence_length(self, prompt_tokens: int) -> int:
+        """Positions of a sample's sequence with `prompt_tokens` prompt tokens (before any pruning)."""
+        slots = 0 if self.head.reads_kv_cache else self.config.num_action_tokens + 1  # action slots + STOP
+        proprio = 1 if self.proprio_projector is not None else 0
+        return 1 + self.config.num_visual_tokens + proprio + prompt_tokens + slots
 
     def lm_input(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None) -> TokenState:
         """The LM input token state for raw observations, checked as `predict_action` checks them."""

@@ -1,8 +1,10 @@
-"""Atomic writes: every file goes to a temporary name in the same folder, then is renamed into place,
-so an interrupted write never leaves a truncated file where a good one was."""
+"""Atomic writes: every file goes to a temporary name in the same folder, is flushed to disk, then is
+renamed into place, so an interrupted write (a kill, a crash, a power cut) never leaves a truncated
+file where a good one was."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -15,6 +17,15 @@ def _umask() -> int:
     return mask
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk, so a rename that follows is durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` and rename the result to `path`; the temporary file is removed on error."""
     path = Path(path)
@@ -25,6 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp_path)
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -35,3 +47,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def remove_atomic_leftovers(folder: str | Path, name: str) -> None:
+    """Remove the temporary files that killed `atomic_write` calls for `folder/name` left behind
+    (`.{name}.*.tmp`); they never hold anything a finished write did not replace."""
+    for leftover in Path(folder).glob(f".{name}.*.tmp"):
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
