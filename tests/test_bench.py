@@ -11,7 +11,7 @@ from conftest import observations
 
 from rich.console import Console
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench import harness
 from vlaopt.bench.flops import FlopRecorder, analytic_lm_flops
 from vlaopt.bench.harness import STAGES, BenchConfig, Observations, random_observations, run_bench
@@ -51,7 +51,7 @@ def test_lm_flops_follow_the_analytic_count_as_tokens_are_pruned(lm, step):
     images, instructions, proprio = observations(cfg, batch=1)
     recorder = FlopRecorder()
     model.predict_action(images, instructions, proprio, timer=recorder)
-    full = len(model.lm.decoder.layers) * [1 + 32 + 1 + len(model._prompt_ids(instructions)[0][0]) + 28 + 1]
+    full = len(model.lm.decoder.layers) * [1 + 32 + 1 + len(model.preprocess(images, instructions, proprio).prompt_ids[0]) + 28 + 1]
     n_visual_after = {None: 32, "fastv": 8, "pooling": 8}[step and step["method"]]
     start = step["layer"] if step and "layer" in step else 0
     seq = [n - (32 - n_visual_after) if i >= start else n for i, n in enumerate(full)]
@@ -185,8 +185,8 @@ def test_success_column_equals_a_closed_loop_evaluation(tmp_path, capsys):
                  "--success", "--tasks", "drawer-close-v3", "--episodes", "2", "--workers", "0", "--max-steps", "20",
                  "--seed", "5", "--json", str(tmp_path / "b.json"), "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    pruned = apply(VLA.from_pretrained(tmp_path / "m"), load_recipe(str(tmp_path / "r.yaml")))
-    for row, reference in zip(rows, (VLA.from_pretrained(tmp_path / "m"), pruned)):
+    pruned = apply(load(tmp_path / "m"), load_recipe(str(tmp_path / "r.yaml")))
+    for row, reference in zip(rows, (load(tmp_path / "m"), pruned)):
         expected = evaluate(reference, ["drawer-close-v3"], EvalConfig(episodes=2, max_steps=20, seed=5, workers=0),
                             progress=False)
         assert row["success"]["episodes"] == 2

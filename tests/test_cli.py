@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import observations
 
-from vlaopt import VLA, VLAConfig
+from vlaopt import VLA, VLAConfig, load
 from vlaopt.bench.heldout import HELDOUT_FILE, load_npz
 from vlaopt.cli import main
 from vlaopt.data.dataset import EpisodeDataset
@@ -27,9 +27,9 @@ def test_optimize_applies_a_yaml_recipe(tmp_path, capsys):
     assert main(["optimize", "--model", str(tmp_path / "base"), "--recipe", str(tmp_path / "r.yaml"),
                  "--out", str(tmp_path / "opt")]) == 0
     assert "applied {'token_pruning'" in capsys.readouterr().out
-    optimized = VLA.from_pretrained(tmp_path / "opt")
+    optimized = load(tmp_path / "opt")
     assert optimized.config.recipe == [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5, "version": 1}}]
-    reference = VLA.from_pretrained(tmp_path / "base")
+    reference = load(tmp_path / "base")
     from vlaopt import apply
 
     apply(reference, [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}])
@@ -47,7 +47,7 @@ def test_collect_then_train_from_the_command_line(tmp_path, capsys):
     cfg.save(tmp_path / "cfg.yaml")
     assert main(["train", "--data", str(data), "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "m"),
                  "--steps", "2", "--batch-size", "4", "--val-every", "2", "--val-fraction", "0.5"]) == 0
-    model = VLA.from_pretrained(tmp_path / "m")
+    model = load(tmp_path / "m")
     assert len(model.stats()["action"]["q01"]) == 4
     # the trained model carries held-out demonstrations from its own val split
     heldout = load_npz(tmp_path / "m" / HELDOUT_FILE)
@@ -56,7 +56,7 @@ def test_collect_then_train_from_the_command_line(tmp_path, capsys):
     # --init fine-tunes the saved weights (a near-zero learning rate leaves them as they were)
     assert main(["train", "--data", str(data), "--init", str(tmp_path / "m"), "--out", str(tmp_path / "ft"),
                  "--steps", "1", "--batch-size", "4", "--lr", "1e-12", "--val-fraction", "0.5", "--pruner", "lightvla"]) == 0
-    tuned = VLA.from_pretrained(tmp_path / "ft")
+    tuned = load(tmp_path / "ft")
     expected = {"method": "lightvla", "layer": 0, "keep": 1.0, "train_path": "merge", "version": 1}
     assert tuned.config.recipe == [{"token_pruning": expected}]
     for name, value in model.state_dict().items():

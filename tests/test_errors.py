@@ -10,7 +10,7 @@ import torch
 from conftest import observations
 from safetensors.torch import load_file, save_file
 
-from vlaopt import VLA, VLAConfig
+from vlaopt import VLA, VLAConfig, load
 from vlaopt.model.checkpoint import CheckpointError
 
 
@@ -106,7 +106,7 @@ def test_checkpoint_missing_weight(saved):
     del state["head.net.out.1.weight"]
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"lacks key 'head.net.out.1.weight'"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_misshaped_weight(saved):
@@ -114,7 +114,7 @@ def test_checkpoint_misshaped_weight(saved):
     state["projector.0.weight"] = state["projector.0.weight"][:, :5].contiguous()
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"weight 'projector.0.weight' .* has shape \(64, 5\), expected \(64, 32\)"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_weight_of_another_dtype(saved):
@@ -122,7 +122,7 @@ def test_checkpoint_weight_of_another_dtype(saved):
     state["projector.0.weight"] = state["projector.0.weight"].half()
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"weight 'projector.0.weight' .* has dtype torch.float16, expected torch.float32"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_unexpected_weight(saved):
@@ -130,30 +130,30 @@ def test_checkpoint_unexpected_weight(saved):
     state["extra.bias"] = torch.zeros(3)
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"unexpected key 'extra.bias'"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_missing_file(saved):
     (saved / "stats.json").unlink()
     with pytest.raises(CheckpointError, match=r"lacks stats.json"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_corrupt_weights(saved):
     (saved / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match=r"cannot be read as safetensors"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_checkpoint_directory_missing(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint directory .*nowhere does not exist"):
-        VLA.from_pretrained(tmp_path / "nowhere")
+        load(tmp_path / "nowhere")
 
 
 def test_stats_of_wrong_length(saved):
     (saved / "stats.json").write_text(json.dumps({"action": {"q01": [0.0] * 3, "q99": [1.0] * 3}}))
     with pytest.raises(ValueError, match=r"action statistics q01 has shape \(3,\), expected \(7,\)"):
-        VLA.from_pretrained(saved)
+        load(saved)
 
 
 def test_a_batch_of_zero_is_refused(model, obs):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlaopt import VLA, VLAConfig
+from vlaopt import VLA, VLAConfig, load
 from vlaopt.cli import main
 from vlaopt.data.collect import collect, episode_seed
 from vlaopt.data.dataset import EpisodeDataset
@@ -52,7 +52,7 @@ def test_bundled_policy_runs_a_closed_loop_episode(tmp_path: Path) -> None:
     task = report["tasks"]["drawer-close-v3"]
     assert task["episodes"] == 1 and task["successes"] == int(episode["success"])
     assert report["overall"]["success_rate"] == task["success_rate"] and len(task["ci95"]) == 2
-    assert VLA.default().config.to_dict() == VLA.from_pretrained(DEFAULT_MODEL_DIR).config.to_dict()
+    assert VLA.default().config.to_dict() == load(DEFAULT_MODEL_DIR).config.to_dict()
 
 
 def test_wilson_interval_known_values() -> None:

@@ -9,7 +9,7 @@ import torch
 from conftest import observations
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench.timer import StageTimer
 from vlaopt.config import HeadConfig
 from vlaopt.model.decode import generate_text, last_token_logits
@@ -32,8 +32,7 @@ def _noise(model: VLA, batch: int) -> torch.Tensor:
 
 
 def _encoded(model: VLA, batch: int = 3):
-    images, instructions, proprio = model._check_inputs(*observations(model.config, batch))
-    return model.encode(images, instructions, proprio)
+    return model.lm_input(*observations(model.config, batch))
 
 
 FASTV = [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.25}}]
@@ -195,7 +194,7 @@ def test_flow_steps_step_changes_the_steps_and_reloads_identical(tmp_path):
     fewer = model.predict_action(images, instructions, proprio, seed=3)
     assert not torch.allclose(fewer, before)
     model.save_pretrained(tmp_path / "m")
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert loaded.head.cfg.steps == 2
     assert torch.equal(loaded.predict_action(images, instructions, proprio, seed=3), fewer)
 

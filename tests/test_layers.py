@@ -9,7 +9,7 @@ import torch
 from conftest import observations
 from transformers import DynamicCache
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.optimize.calibration import encode_observations, walk_layers
 from vlaopt.optimize.layers.gate_norm import coupling_norms
 from vlaopt.optimize.layers.remove import MLPOnlyLayer, drop_attention, has_attention, remove_blocks
@@ -69,7 +69,7 @@ def test_removed_units_are_gone_and_the_model_reloads_identically(tmp_path, meth
     model.save_pretrained(tmp_path / "m")
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
     assert saved["recipe"][0]["layer_pruning"]["removed"] == removed
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert torch.equal(loaded.predict_action(images, instructions, proprio), actions)
     assert loaded.state_dict().keys() == model.state_dict().keys()
     assert _attention_structure(loaded) == _attention_structure(model)

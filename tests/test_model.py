@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import observations
 
-from vlaopt import VLA, LMConfig, VLAConfig
+from vlaopt import LMConfig, VLA, VLAConfig, load
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 HEADS = ["l1", "discrete", "diffusion", "flow"]
@@ -65,7 +65,7 @@ def test_save_then_load_gives_bit_identical_actions(tmp_path, head):
     images, instructions, proprio = observations(cfg)
     before = model.predict_action(images, instructions, proprio, seed=5)
     model.save_pretrained(tmp_path / "m")
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert torch.equal(loaded.predict_action(images, instructions, proprio, seed=5), before)
     assert loaded.stats() == model.stats()
     assert loaded.config.to_dict() == model.config.to_dict()
@@ -77,7 +77,7 @@ def test_save_over_an_existing_model_replaces_its_files_and_keeps_the_users(tmp_
     (target / "notes.txt").write_text("mine")
     tiny_model.save_pretrained(target)
     images, instructions, proprio = observations(tiny_model.config)
-    loaded = VLA.from_pretrained(target)
+    loaded = load(target)
     assert torch.equal(loaded.predict_action(images, instructions, proprio),
                        tiny_model.predict_action(images, instructions, proprio))
     assert (target / "notes.txt").read_text() == "mine"
@@ -171,7 +171,7 @@ def test_lm_from_local_hf_directory_uses_its_weights_and_tokenizer(tmp_path):
     images, instructions, _ = observations(cfg)
     model.save_pretrained(tmp_path / "vla")
     (tmp_path / "lm" / "model.safetensors").unlink()  # the saved VLA must not need the LM folder
-    loaded = VLA.from_pretrained(tmp_path / "vla")
+    loaded = load(tmp_path / "vla")
     assert len(loaded.tokenizer) == len(words)
     assert torch.equal(loaded.predict_action(images, instructions), model.predict_action(images, instructions))
 
@@ -199,6 +199,6 @@ def test_bfloat16_model_runs_and_saves_in_bfloat16(tmp_path, head):
     assert actions.dtype == torch.float32 and torch.isfinite(actions).all()
     if head in ("l1", "flow", "expert"):  # bf16 keeps ~3 significant digits; discrete bins and DDIM amplify ties
         assert (actions - reference).abs().max() < 0.05
-    loaded = VLA.from_pretrained(half.save_pretrained(tmp_path / "bf16"))
+    loaded = load(half.save_pretrained(tmp_path / "bf16"))
     assert loaded.config.dtype == "bfloat16" and loaded.lm.causal_lm.get_input_embeddings().weight.dtype == torch.bfloat16
     assert torch.equal(loaded.predict_action(images, instructions, proprio), actions)

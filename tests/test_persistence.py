@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlaopt import VLA, VLAConfig
+from vlaopt import VLA, VLAConfig, load
 from vlaopt.model import checkpoint as checkpoint_module
 from vlaopt.model.checkpoint import MANIFEST_FILE, CheckpointError
 from vlaopt.model.vla import DEFAULT_MODEL_DIR
@@ -81,7 +81,7 @@ def test_a_crafted_manifest_cannot_make_a_save_delete_outside_its_files(tmp_path
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     model.save_pretrained(target)  # the malformed manifest is replaced, nothing outside is touched
     assert (tmp_path / "precious.txt").read_text() == "keep"
-    VLA.from_pretrained(target)
+    load(target)
 
 
 def test_save_into_the_current_directory(tmp_path, monkeypatch):
@@ -90,7 +90,7 @@ def test_save_into_the_current_directory(tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     model.save_pretrained(".")
     model.save_pretrained(".")
-    loaded = VLA.from_pretrained(".")
+    loaded = load(".")
     assert loaded.stats() == model.stats() and (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -105,7 +105,7 @@ def test_a_flipped_bit_in_the_weights_names_the_file_and_both_checksums(tmp_path
 
     now = hashlib.sha256(bytes(data)).hexdigest()
     with pytest.raises(CheckpointError, match=rf"model\.safetensors has sha256 {now} .*records sha256 {recorded}"):
-        VLA.from_pretrained(target)
+        load(target)
 
 
 def test_a_changed_tokenizer_file_is_caught_too(tmp_path):
@@ -114,16 +114,16 @@ def test_a_changed_tokenizer_file_is_caught_too(tmp_path):
     config["model_max_length"] = 7
     (target / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"tokenizer_config\.json has sha256 [0-9a-f]{64} .*records sha256"):
-        VLA.from_pretrained(target)
+        load(target)
 
 
 def test_folders_without_a_manifest_still_load(tmp_path):
     assert not (DEFAULT_MODEL_DIR / MANIFEST_FILE).exists()
-    VLA.from_pretrained("default")
+    load("default")
     model = _model()
     target = model.save_pretrained(tmp_path / "m")
     (target / MANIFEST_FILE).unlink()  # as written by older versions
-    assert VLA.from_pretrained(target).stats() == model.stats()
+    assert load(target).stats() == model.stats()
 
 
 @pytest.mark.parametrize("content", ["", '{"lm": {"family": "lla'])
@@ -134,7 +134,7 @@ def test_an_empty_or_truncated_config_is_one_checkpoint_error(tmp_path, content,
         (target / MANIFEST_FILE).unlink()
     (target / "config.json").write_text(content)
     with pytest.raises(CheckpointError, match=re.escape(str(target / "config.json"))):
-        VLA.from_pretrained(target)
+        load(target)
 
 
 @pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
@@ -142,7 +142,7 @@ def test_a_missing_tokenizer_file_is_named_with_its_folder(tmp_path, name):
     target = _model().save_pretrained(tmp_path / "m")
     (target / name).unlink()
     with pytest.raises(CheckpointError, match=rf"checkpoint directory {re.escape(str(target))} lacks {name}"):
-        VLA.from_pretrained(target)
+        load(target)
 
 
 @pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
@@ -152,7 +152,7 @@ def test_non_finite_statistics_name_the_file_and_the_key(tmp_path, value):
                        "proprio": STATS["proprio"]})
     (target / "stats.json").write_text(text.replace("12345.5", value))
     with pytest.raises(CheckpointError, match=rf"stats file {re.escape(str(target / 'stats.json'))} .*at action\.q99\[2\]"):
-        VLA.from_pretrained(target)
+        load(target)
 
 
 # ---- trainer state: no pickle ----------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_optimize_in_place_keeps_heldout_and_training_state(tmp_path, monkeypatc
     kept = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and "checkpoints" in p.parts}
     (tmp_path / "r.yaml").write_text("- token_pruning: {method: fastv, layer: 1, keep: 0.5}\n")
     assert main(["optimize", "--model", str(run), "--recipe", str(tmp_path / "r.yaml"), "--out", str(run)]) == 0
-    assert len(VLA.from_pretrained(run).config.recipe) == 1
+    assert len(load(run).config.recipe) == 1
     assert (run / "heldout.npz").read_bytes() == b"held-out demos" and (run / "train_config.json").is_file()
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and "checkpoints" in p.parts} == kept
     here = tmp_path / "here"
@@ -229,7 +229,7 @@ def test_optimize_in_place_keeps_heldout_and_training_state(tmp_path, monkeypatc
     (here / "notes.txt").write_text("mine")
     monkeypatch.chdir(here)
     assert main(["optimize", "--model", ".", "--recipe", str(tmp_path / "r.yaml"), "--out", "."]) == 0
-    assert len(VLA.from_pretrained(here).config.recipe) == 1 and (here / "notes.txt").read_text() == "mine"
+    assert len(load(here).config.recipe) == 1 and (here / "notes.txt").read_text() == "mine"
 
 
 # ---- kills during checkpoint saves -------------------------------------------------------------------------------
@@ -300,7 +300,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, dict, dic
     out = tmp_path_factory.mktemp("reference") / "run"
     with instrumented(out) as events:
         log = fault_run(out)
-    return events, log, VLA.from_pretrained(out).state_dict()
+    return events, log, load(out).state_dict()
 
 
 def _first(events: list, after: int, kind: str, pattern: str, side: int = 2) -> int:
@@ -333,13 +333,13 @@ def test_a_kill_during_a_checkpoint_save_resumes_exactly(tmp_path, reference, po
     # the newest complete checkpoint is the last one placed before the kill, and it loads
     placed = [int(e[2][-6:]) for e in events[: kill_at - 1] if e[0] == "rename" and re.fullmatch(r"checkpoints/step-\d+", e[2])]
     assert checkpoints(out)[-1][0] == placed[-1] == (2 if kill_at <= _kill_point(events, "before placing the checkpoint") else 4)
-    VLA.from_pretrained(checkpoints(out)[-1][1])
+    load(checkpoints(out)[-1][1])
     if point == "before the refreshed manifest":  # new files under the old manifest: caught, not loaded as a mix
         with pytest.raises(CheckpointError, match=r"has sha256 .* but manifest\.json records"):
-            VLA.from_pretrained(out)
+            load(out)
     log = fault_run(out)
     assert log == ref_log
-    resumed = VLA.from_pretrained(out).state_dict()
+    resumed = load(out).state_dict()
     assert all(torch.equal(resumed[k], ref_weights[k]) for k in ref_weights)
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000006"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]

@@ -9,7 +9,7 @@ import torch
 from conftest import observations
 from safetensors.torch import load_file
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.model.checkpoint import weight_size
 from vlaopt.optimize.quant import Int8Linear
 from vlaopt.optimize.quant.int8 import REDUCE_RANGE, has_vnni
@@ -84,7 +84,7 @@ def test_int8_modules_hold_int8_weights_and_reload_bit_identically(tmp_path):
     model.save_pretrained(tmp_path / "m")
     stored = load_file(str(tmp_path / "m" / "model.safetensors"))
     assert stored["lm.causal_lm.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     for name, module in loaded.lm.decoder.layers.named_modules():
         if name in quantized:
             assert isinstance(module, Int8Linear) and torch.equal(module.weight, quantized[name].weight)
@@ -140,7 +140,7 @@ def test_composite_recipes_run_in_any_order_and_reload_identically(tmp_path, rec
     actions = model.predict_action(images, instructions, proprio)
     assert torch.isfinite(actions).all()
     model.save_pretrained(tmp_path / "m")
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert torch.equal(loaded.predict_action(images, instructions, proprio), actions)
     assert loaded.config.to_dict() == model.config.to_dict()
     assert str(loaded) == str(model)  # the same modules, in the same places

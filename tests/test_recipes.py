@@ -4,12 +4,13 @@ files are named with their line."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
 from conftest import observations
 
-from vlaopt import VLA, VLAConfig, apply, load_recipe
+from vlaopt import VLA, VLAConfig, apply, load, load_recipe
 
 METHODS = ["pooling", "fastv", "divprune", "random", "lightvla"]
 
@@ -66,10 +67,10 @@ def test_fastv_after_another_pruner_at_its_layer_is_refused():
 def test_a_valid_recipe_stacks_on_a_saved_optimized_model(tmp_path):
     base = _model()
     base.save_pretrained(tmp_path / "base")
-    pooled = apply(VLA.from_pretrained(tmp_path / "base"), [_step("pooling", 0)])
+    pooled = apply(load(tmp_path / "base"), [_step("pooling", 0)])
     pooled.save_pretrained(tmp_path / "pooled")
-    stacked = apply(VLA.from_pretrained(tmp_path / "pooled"), [_step("fastv", 1), {"quantize": {"method": "int8"}}])
-    at_once = apply(VLA.from_pretrained(tmp_path / "base"),
+    stacked = apply(load(tmp_path / "pooled"), [_step("fastv", 1), {"quantize": {"method": "int8"}}])
+    at_once = apply(load(tmp_path / "base"),
                     [_step("pooling", 0), _step("fastv", 1), {"quantize": {"method": "int8"}}])
     obs = observations(base.config, batch=3)
     assert stacked.config.recipe == at_once.config.recipe
@@ -93,3 +94,38 @@ def test_a_malformed_config_file_is_named_with_its_line(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match=rf"config file {path} is empty"):
         VLAConfig.load(path)
+
+
+def test_recorded_steps_carry_a_format_version_and_old_records_still_load(tmp_path):
+    model = apply(_model(), [_step("pooling", 0), {"quantize": {"method": "int8"}}])
+    assert [next(iter(e.values()))["version"] for e in model.config.recipe] == [1, 1]
+    obs = observations(model.config, batch=2)
+    expected = model.predict_action(*obs)
+    for entry in model.config.recipe:  # as saved before steps carried a version
+        next(iter(entry.values())).pop("version")
+    model.save_pretrained(tmp_path / "old")
+    assert torch.equal(load(tmp_path / "old").predict_action(*obs), expected)
+    next(iter(model.config.recipe[0].values()))["version"] = 2
+    model.save_pretrained(tmp_path / "new")
+    with pytest.raises(ValueError, match=r"recorded recipe step token_pruning has format version 2; this vla-opt reads "
+                                         r"versions 1..1"):
+        load(tmp_path / "new")
+
+
+def test_only_vlaopt_load_replays_a_recipe(tmp_path):
+    model = apply(_model(), [_step("pooling", 0)])
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"m holds an optimized model \(recipe: token_pruning\); load it with vlaopt.load"):
+        VLA.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match=r"VLA\(config\) builds an unoptimized model, but config.recipe lists 1 "
+                                         r"step\(s\) \(token_pruning\)"):
+        VLA(model.config)
+    assert len(load(tmp_path / "m").lm.hooks) == 1
+
+
+def test_flow_steps_validates_the_new_head_config():
+    model = VLA(VLAConfig.tiny(head="diffusion", cameras=2, proprio_dim=3)).eval()  # train_timesteps 20
+    with pytest.raises(ValueError, match="flow_steps n=30 exceeds the diffusion head's train_timesteps=20"):
+        apply(model, [{"flow_steps": {"n": 30}}])
+    apply(model, [{"flow_steps": {"n": 3}}])
+    assert model.head.cfg is model.config.head and model.config.head.steps == 3

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from conftest import observations
 
-from vlaopt import VLA, VLAConfig, apply, load_recipe
+from vlaopt import VLA, VLAConfig, apply, load, load_recipe
+from vlaopt.model.policy import action_hidden
 from vlaopt.optimize.tokens.base import PRUNERS
 from vlaopt.optimize.tokens.divprune import max_min_select
 from vlaopt.optimize.tokens.fastv import attention_probs
@@ -140,14 +141,14 @@ def test_lightvla_drop_training_path_shows_the_lm_the_inference_sequence():
     still reaches the scores' inputs through the straight-through merge."""
     model = _model(recipe=[{"token_pruning": {"method": "lightvla", "train_path": "drop"}}])
     state = _encoded(model)
-    inferred = model.action_hidden(model.lm(state))
+    inferred = action_hidden(model.lm(state))
     model.train()
     hidden = state.hidden.detach().requires_grad_(True)
-    trained = model.action_hidden(model.lm(replace(state, hidden=hidden)))
+    trained = action_hidden(model.lm(replace(state, hidden=hidden)))
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=0)
     merge = _model(recipe=[{"token_pruning": {"method": "lightvla"}}]).train()
     merge.load_state_dict(model.state_dict())
-    assert (merge.action_hidden(merge.lm(state)) - inferred).abs().max() > 1e-3  # the seed's path differs
+    assert (action_hidden(merge.lm(state)) - inferred).abs().max() > 1e-3  # the seed's path differs
     trained.sum().backward()
     span = state.layout.span("visual")
     votes = model.lm.hooks[0].votes(state)
@@ -235,7 +236,7 @@ def test_optimized_model_saves_with_its_recipe_and_reloads_identical(tmp_path, s
     model = _model(recipe=[{"token_pruning": step}])
     images, instructions, proprio = observations(model.config)
     model.save_pretrained(tmp_path / "m")
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert loaded.config.recipe == model.config.recipe
     assert [type(h).__name__ for h in loaded.lm.hooks] == [type(h).__name__ for h in model.lm.hooks]
     assert torch.equal(loaded.predict_action(images, instructions, proprio), model.predict_action(images, instructions, proprio))

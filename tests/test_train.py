@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench.heldout import HELDOUT_FILE
 from vlaopt.cli import build_parser, main
 from vlaopt.data.episodes import Episode, write_episode, write_index
-from vlaopt.train.schedules import lightvla_noise, lr_factor
+from vlaopt.optimize.tokens.lightvla import noise_schedule
+from vlaopt.train.schedules import lr_factor
 from vlaopt.train.trainer import TrainConfig, train
 
 
@@ -42,7 +43,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tmp_path):
     losses = [loss for _, loss in log["loss"]]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert len(log["val_action_error"]) == 1
-    loaded = VLA.from_pretrained(tmp_path / "run")
+    loaded = load(tmp_path / "run")
     assert loaded.stats()["action"]["q01"] == STATS["action"]["q01"]
 
 
@@ -73,7 +74,7 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeyp
     resumed = VLA(cfg)
     log = train(resumed, data, data[:8], tmp_path / "run", tc, STATS, progress=False)  # from the step-4 checkpoint
     assert log == ref_log
-    saved = VLA.from_pretrained(tmp_path / "run").state_dict()
+    saved = load(tmp_path / "run").state_dict()
     for name, value in reference.state_dict().items():
         assert torch.equal(resumed.state_dict()[name], value) and torch.equal(saved[name], value), name
 
@@ -174,6 +175,6 @@ def test_schedules():
     assert lr_factor(0, 10, 100) == pytest.approx(0.1)
     assert lr_factor(9, 10, 100) == pytest.approx(1.0)
     assert lr_factor(100, 10, 100) == pytest.approx(0.1)
-    assert lightvla_noise(0, 10) == 1.0 and lightvla_noise(10, 10) == 0.0
+    assert noise_schedule(0, 10) == 1.0 and noise_schedule(10, 10) == 0.0
     with pytest.raises(ValueError, match=r"train.steps=0 must be a positive integer"):
         TrainConfig(steps=0)

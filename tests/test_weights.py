@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import observations
 
-from vlaopt import VLA, VLAConfig, apply
+from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.optimize.calibration import encode_observations, walk_layers
 from vlaopt.optimize.weights.base import WEIGHT_PRUNERS, ColumnNorms, Hessian
 from vlaopt.optimize.weights.masks import parse_pattern, zeros_per_group
@@ -105,7 +105,7 @@ def test_targets_and_ignore_choose_the_layers(tmp_path):
         )
     images, instructions, proprio = observations(model.config)
     model.save_pretrained(tmp_path / "m")
-    loaded = VLA.from_pretrained(tmp_path / "m")
+    loaded = load(tmp_path / "m")
     assert torch.equal(
         loaded.predict_action(images, instructions, proprio), model.predict_action(images, instructions, proprio)
     )

@@ -15,6 +15,7 @@ _EXPORTS = {
     "LMConfig": "vlaopt.config",
     "HeadConfig": "vlaopt.config",
     "apply": "vlaopt.optimize",
+    "load": "vlaopt.optimize",
     "load_recipe": "vlaopt.optimize",
 }
 

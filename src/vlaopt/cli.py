@@ -12,7 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from vlaopt.config import HEAD_KINDS, LM_FAMILIES, VISION_KINDS, VLAConfig
-from vlaopt.optimize.tokens.lightvla import TRAIN_PATHS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -52,11 +51,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _optimize(args: argparse.Namespace) -> int:
     """Apply a recipe to a saved model and save the optimized model with its recipe."""
     from vlaopt.model.checkpoint import weight_size
-    from vlaopt.model.vla import VLA
-    from vlaopt.optimize import apply, load_recipe
+    from vlaopt.optimize import apply, load, load_recipe
 
     recipe = load_recipe(args.recipe)
-    model = VLA.from_pretrained(args.model)
+    model = load(args.model)
     before = weight_size(model)
     apply(model, recipe)
     model.save_pretrained(args.out)
@@ -87,7 +85,7 @@ def _train(args: argparse.Namespace) -> int:
     from vlaopt.bench import heldout as held
     from vlaopt.data.dataset import EpisodeDataset, compute_stats
     from vlaopt.model.vla import VLA
-    from vlaopt.optimize import apply
+    from vlaopt.optimize import apply, load
     from vlaopt.train.trainer import TrainConfig, saved_train_config, train
 
     if (args.config is None) == (args.init is None):
@@ -98,7 +96,7 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     console = Console()
     console.print(f"training with {torch.get_num_threads()} torch thread(s)")
-    model = VLA.from_pretrained(args.init) if args.init else VLA(VLAConfig.load(args.config))
+    model = load(args.init) if args.init else VLA(VLAConfig.load(args.config))
     cfg, source = model.config, args.init or args.config
     train_set = EpisodeDataset(args.data, "train", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
     val_set = EpisodeDataset(args.data, "val", chunk=cfg.chunk, val_fraction=args.val_fraction, seed=args.seed)
@@ -135,7 +133,8 @@ def _bench(args: argparse.Namespace) -> int:
     from vlaopt.bench.harness import BenchConfig, random_observations, run_bench
     from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files
     from vlaopt.bench.report import to_table, write_outputs, write_results
-    from vlaopt.model.vla import VLA, resolve_model_dir
+    from vlaopt.model.vla import resolve_model_dir
+    from vlaopt.optimize import load
 
     model_dir = resolve_model_dir(args.model)
     success = None
@@ -148,7 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise UsageError(f"--success needs --tasks (MetaWorld tasks to run) for model {args.model}")
         success = (resolve_tasks(tasks), EvalConfig(episodes=args.episodes, execute=args.execute, seed=args.seed,
                                                     workers=args.workers, max_steps=args.max_steps))
-    model = VLA.from_pretrained(model_dir, device=args.device)
+    model = load(model_dir, device=args.device)
     if args.recipes:
         recipes = recipes_from_files(args.recipes)
     elif args.quick:
@@ -178,7 +177,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     """Closed-loop success on MetaWorld tasks and/or the open-loop action error on held-out demos; exit
     status 1 when some closed-loop episodes failed to run (they are listed after the table)."""
-    from vlaopt.model.vla import VLA
+    from vlaopt.optimize import load
 
     if not args.tasks and not args.data:
         raise UsageError("vla-opt eval needs --tasks (closed loop), --data (open loop), or both")
@@ -186,7 +185,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.data:
         from vlaopt.eval.open_loop import open_loop_error
 
-        result = open_loop_error(VLA.from_pretrained(args.model), args.data, val_fraction=args.val_fraction,
+        result = open_loop_error(load(args.model), args.data, val_fraction=args.val_fraction,
                                  seed=args.split_seed)
         per_task = ", ".join(f"{t} {e:.4f}" for t, e in result.per_task.items())
         console.print(f"open-loop action L1 on the val split of {args.data} ({result.samples} steps): "
@@ -323,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch threads, printed at the start (0: torch's default) (default 1: on a 2-core machine a "
                          "second thread made training 1.2x faster when idle but 8x slower while another job kept a core busy)")
     tr.add_argument("--pruner", choices=["lightvla"], help="train with a LightVLA pruner (noise decays 1 -> 0)")
-    tr.add_argument("--train-path", choices=TRAIN_PATHS, default="merge",
+    tr.add_argument("--train-path", default="merge",
                     help="what the LM sees while the pruner trains: merge (LightVLA: each patch replaced by its vote) "
                          "or drop (the inference sequence, gradients still straight through)")
     tr.add_argument("--no-resume", action="store_true",

@@ -41,6 +41,7 @@ from vlaopt.eval.rollout import (
     run_episode,
 )
 from vlaopt.model.vla import VLA
+from vlaopt.optimize import load
 from vlaopt.sim.env import DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_write_text
@@ -148,7 +149,7 @@ def _init_worker(model_dir: str) -> None:
     global _MODEL
     die_with_parent()
     torch.set_num_threads(1)
-    _MODEL = VLA.from_pretrained(model_dir)
+    _MODEL = load(model_dir)
 
 
 def _run_job(cfg: EvalConfig, cameras: tuple[str, ...], task: str, episodes: list[int],
@@ -286,7 +287,7 @@ def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, pro
         raise ValueError("tasks is empty; expected at least one MetaWorld task")
     for task in tasks:
         instruction(task)  # raises on an unknown task, listing the known ones
-    loaded = model if isinstance(model, VLA) else VLA.from_pretrained(model)
+    loaded = model if isinstance(model, VLA) else load(model)
     cameras = env_cameras(loaded.config, cfg.cameras)
     if cfg.execute is not None and cfg.execute > loaded.config.chunk:
         raise ValueError(f"execute={cfg.execute} exceeds the model's chunk of {loaded.config.chunk} actions")

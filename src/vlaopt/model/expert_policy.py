@@ -1,4 +1,5 @@
-"""The inference and training path of a VLA whose head is the action expert (heads/expert.py).
+"""The `expert` policy (model/policy.py): the path of a VLA whose head is the action expert
+(heads/expert.py).
 
     prefix   [BOS][visual][proprio][prompt] -> our layer loop (pruning hooks apply) -> KVCache, once
     reasoning (optional, Alpamayo-R1) up to `head.reasoning_tokens` text tokens decoded into the cache,
@@ -19,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlaopt.utils.timer import NULL_TIMER
 from vlaopt.model.decode import (
     decode_action_bins,
     generate_text,
@@ -30,6 +30,8 @@ from vlaopt.model.decode import (
 from vlaopt.model.heads.discrete import bin_centers
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
+from vlaopt.model.policy import POLICIES, Policy, initial_noise
+from vlaopt.utils.timer import NULL_TIMER, Timer
 
 if TYPE_CHECKING:
     from vlaopt.model.vla import VLA
@@ -44,7 +46,7 @@ class ExpertRollout:
     cache: KVCache
 
 
-def fill_prefix(model: VLA, state: TokenState, timer: Any = NULL_TIMER) -> tuple[KVCache, TokenState]:
+def fill_prefix(model: VLA, state: TokenState, timer: Timer = NULL_TIMER) -> tuple[KVCache, TokenState]:
     """Run the LM once over the prefix; the cache of every attention layer and the final state."""
     cache = KVCache()
     final = model.lm(state, timer, cache=cache)
@@ -61,7 +63,7 @@ def forbidden_text_ids(model: VLA) -> list[int]:
 
 
 def act(
-    model: VLA, state: TokenState, noise: torch.Tensor | None = None, seed: int = 0, timer: Any = NULL_TIMER
+    model: VLA, state: TokenState, noise: torch.Tensor | None = None, seed: int = 0, timer: Timer = NULL_TIMER
 ) -> ExpertRollout:
     """Prefix -> optional reasoning -> flow steps (or autoregressive action tokens) for an encoded
     batch. Noise (B, chunk, action_dim) is drawn with `seed` unless given; sampled reasoning draws
@@ -69,9 +71,7 @@ def act(
     head, cfg = model.head, model.head.cfg
     batch = state.hidden.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    if noise is None:
-        noise = torch.randn((batch, head.chunk, head.action_dim), generator=gen)
-    noise = noise.to(model.device, state.hidden.dtype)
+    noise = initial_noise(model, batch, noise, seed, gen).to(state.hidden.dtype)
     with timer.stage("prefix"):
         cache, final = fill_prefix(model, state, timer)
         need_logits = cfg.reasoning_tokens > 0 or cfg.trajectory == "autoregressive"
@@ -102,20 +102,29 @@ def rollout(
     *,
     noise: torch.Tensor | None = None,
     seed: int = 0,
-    timer: Any = NULL_TIMER,
+    timer: Timer = NULL_TIMER,
 ) -> ExpertRollout:
     """`act` on raw observations, checked as `VLA.predict_action` checks them; for inspecting the
     reasoning ids (`model.tokenizer.batch_decode`) and the cache besides the normalized actions."""
-    if not model.head.reads_kv_cache:
+    if not isinstance(model.policy, ExpertPolicy):
         raise ValueError(f"rollout needs a VLA with head.kind='expert', got {model.config.head.kind!r}")
-    images, instructions, proprio = model._check_inputs(images, instructions, proprio)
     with torch.inference_mode():
-        return act(model, model.encode(images, instructions, proprio, timer), noise, seed, timer)
+        return act(model, model.encode(model.preprocess(images, instructions, proprio), timer), noise, seed, timer)
 
 
-def expert_loss(
-    model: VLA, state: TokenState, actions: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """The expert's flow-matching loss for normalized target actions, the prefix cache built with gradients."""
-    cache, _ = fill_prefix(model, state)
-    return model.head.loss(cache, actions, generator)
+@POLICIES.register("expert")
+class ExpertPolicy(Policy):
+    """The action expert over the VLM's KV cache (stages `prefix`, `reasoning`, `flow` / `trajectory`)."""
+
+    def suffix(self, model: VLA) -> tuple[int, int]:
+        return 0, 0  # the prefix ends where the answer begins: reasoning continues the prompt
+
+    def act(self, model: VLA, state: TokenState, noise: torch.Tensor | None, seed: int,
+            timer: Timer = NULL_TIMER) -> torch.Tensor:
+        return act(model, state, noise, seed, timer).actions
+
+    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
+             generator: torch.Generator | None) -> torch.Tensor:
+        """The expert's flow-matching loss, the prefix cache built with gradients."""
+        cache, _ = fill_prefix(model, state)
+        return model.head.loss(cache, actions, generator)

@@ -42,6 +42,10 @@ class LayerHook(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} observes layers {self.observed_layers()} but does not "
                                   "implement observe_attention")
 
+    def training_step(self, step: int, total: int) -> None:
+        """Called by the trainer before training step `step` of `total`: a hook with a schedule of its
+        own follows it (LightVLA decays its score noise); none by default."""
+
     @abstractmethod
     def forward(self, state: TokenState) -> TokenState:
         """The token state entering decoder layer `layer`."""

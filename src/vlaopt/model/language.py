@@ -199,6 +199,10 @@ class LanguageModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings()(hidden)
 
+    def readout(self) -> torch.Tensor:
+        """The output-embedding matrix (V, D), which heads that read logits use."""
+        return self.causal_lm.get_output_embeddings().weight
+
     def forward(self, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
         """Run all decoder layers (and hooks) and the final norm; returns a new final token state.
 

@@ -1,22 +1,24 @@
-"""The reference VLA (OpenVLA-OFT layout): vision encoder -> projector -> LM layer loop -> action head.
+"""The reference VLA (OpenVLA-OFT layout): processor -> vision encoder -> projector -> LM layer loop
+-> policy (head) -> unnormalize.
 
-    images (B, cams, H, W, 3) uint8 -> patches -> projector -+
-    proprio (B, P) ------------------> proprio projector ----+-> [BOS][visual][proprio][prompt][actions][STOP]
-    instructions (B strings) --------> tokenizer -> embed ---+            -> decoder layers (hooks between)
-                                       action-slot hidden states -> head -> unnormalize -> (B, chunk, action_dim)
+    raw batch -> processor (checks, prompt ids) -----------------------------------------+
+    images (B, cams, H, W, 3) uint8 -> patches -> projector -+                           |
+    proprio (B, P) ------------------> proprio projector ----+-> [BOS][visual][proprio][prompt][policy suffix]
+    prompt ids ----------------------> embed ----------------+            -> decoder layers (hooks between)
+                                      policy: slots -> head | KV cache -> expert -> unnormalize -> (B, chunk, A)
 
-Action-slot input embeddings are zero (OFT); action slots may attend to each other bidirectionally.
+The policy (model/policy.py) is chosen once, by the head: `slots` appends chunk x action_dim action
+slots (zero input embeddings, as OFT; bidirectional among themselves) and STOP, `expert` nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -24,11 +26,13 @@ from transformers import PreTrainedTokenizerBase
 from vlaopt.config import VLAConfig
 from vlaopt.model.checkpoint import (CheckpointError, load_weights, non_finite_entry, read_stats, replace_files,
                                      save_weights, verify_manifest)
-from vlaopt.model.expert_policy import act, expert_loss
+from vlaopt.model import expert_policy  # noqa: F401  (registers the expert policy)
 from vlaopt.model.heads import build_head
 from vlaopt.model.language import LanguageModel, build_causal_lm
 from vlaopt.model.layout import Layout, TokenState
 from vlaopt.model.normalize import BoundsNormalizer
+from vlaopt.model.policy import POLICIES, Policy
+from vlaopt.model.processor import ModelInputs, Processor
 from vlaopt.model.tokenizer import load_tokenizer, special_ids
 from vlaopt.model.vision import VisionEncoder, mlp_projector
 from vlaopt.utils.io import atomic_write_text
@@ -48,11 +52,6 @@ def resolve_model_dir(name: str | Path) -> Path:
     return DEFAULT_MODEL_DIR if str(name) == "default" else Path(name)
 
 
-def prompt_text(instruction: str) -> str:
-    """OpenVLA's prompt template around a task instruction."""
-    return f"In: What action should the robot take to {instruction.strip().lower()}?\nOut:"
-
-
 class VLA(nn.Module):
     """A Vision-Language-Action policy; see the module docstring for the data path."""
 
@@ -60,6 +59,11 @@ class VLA(nn.Module):
         self, config: VLAConfig, tokenizer: PreTrainedTokenizerBase | None = None, load_lm_weights: bool = True
     ) -> None:
         super().__init__()
+        if config.recipe:
+            steps = ", ".join(next(iter(entry)) for entry in config.recipe)
+            raise ValueError(f"VLA(config) builds an unoptimized model, but config.recipe lists {len(config.recipe)} "
+                             f"step(s) ({steps}); build it without them and vlaopt.apply the recipe, or load a saved "
+                             "optimized model with vlaopt.load")
         self.config = config = copy.deepcopy(config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
@@ -81,10 +85,11 @@ class VLA(nn.Module):
         self.bos_id, self.stop_id = special_ids(self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.stop_id if pad is None else pad
-        if config.recipe:  # an optimized model: re-create the structure its recipe made
-            from vlaopt.optimize import rebuild
-
-            rebuild(self, config.recipe)
+        self.policy: Policy = POLICIES.get(self.head.policy)()
+        slots, stop = self.policy.suffix(self)
+        fixed = 1 + config.num_visual_tokens + int(config.proprio_dim > 0) + slots + stop
+        self.processor = Processor(config, self.tokenizer, self.pad_id, fixed,
+                                   getattr(self.lm.causal_lm.config, "max_position_embeddings", None))
 
     # ---- construction ---------------------------------------------------------------------------
     @property
@@ -128,10 +133,15 @@ class VLA(nn.Module):
         return replace_files(directory, write)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> VLA:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu",
+        rebuild: Callable[[VLA, list[dict[str, Any]]], None] | None = None,
+    ) -> VLA:
         """Load a model written by `save_pretrained`; "default" loads the packaged default policy.
 
-        A missing file, an unreadable config.json, tokenizer or weight file, NaN / infinite statistics, or
+        An optimized model (its config records a recipe) needs `rebuild`, which re-creates the recipe's
+        structure before the weights load: use `vlaopt.load`, which passes the recipe registry's. A
+        missing file, an unreadable config.json, tokenizer or weight file, NaN / infinite statistics, or
         a file whose sha256 differs from the one its manifest.json recorded raises one CheckpointError
         naming the file. Folders without a manifest (saved by older versions) load unverified.
         """
@@ -151,140 +161,74 @@ class VLA(nn.Module):
             tokenizer = load_tokenizer(str(directory))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"the tokenizer in {directory} cannot be loaded: {exc}") from exc
+        recipe, config.recipe = config.recipe, []
+        if recipe and rebuild is None:
+            steps = ", ".join(next(iter(entry)) for entry in recipe)
+            raise CheckpointError(f"{directory} holds an optimized model (recipe: {steps}); load it with "
+                                  "vlaopt.load, which replays the recipe before loading the weights")
         model = cls(config, tokenizer=tokenizer, load_lm_weights=False)
+        if recipe:
+            rebuild(model, recipe)
         model.to(getattr(torch, config.dtype))
-        load_weights(model, directory / WEIGHTS_FILE)
+        model.load_state(directory)
+        return model.to(device).eval()
+
+    def load_state(self, directory: str | Path) -> None:
+        """Load the weights and normalization statistics saved in `directory` into this model, which
+        must have the structure they were saved from (e.g. resuming a training checkpoint)."""
+        directory = Path(directory)
+        load_weights(self, directory / WEIGHTS_FILE)
         stats_path = directory / STATS_FILE
         try:
-            model.set_stats(read_stats(stats_path))
+            self.set_stats(read_stats(stats_path))
         except CheckpointError:
             raise
         except ValueError as exc:
             raise CheckpointError(f"stats file {stats_path}: {exc}") from exc
         # checked last, so that a damaged file is reported by its own fault (a missing key, a bad shape) if it has one
         verify_manifest(directory)
-        return model.to(device).eval()
 
     @classmethod
     def default(cls, device: str | torch.device = "cpu") -> VLA:
         """The trained default policy shipped in the package (MetaWorld, two 64 px cameras)."""
         return cls.from_pretrained(DEFAULT_MODEL_DIR, device)
 
-    # ---- input checking ---------------------------------------------------------------------------
-    def _check_inputs(
-        self, images: Any, instructions: Sequence[str] | str, proprio: Any
-    ) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        cfg = self.config
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(np.ascontiguousarray(images))
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a uint8 array or tensor, got {type(images).__name__}")
-        if images.dtype != torch.uint8:
-            raise ValueError(f"images have dtype {images.dtype}, expected uint8 (B, cameras, H, W, 3)")
-        size = cfg.vision.image_size
-        expected = f"(B, {cfg.cameras}, {size}, {size}, 3)"
-        if images.ndim != 5:
-            raise ValueError(f"images have shape {tuple(images.shape)}, expected {expected}")
-        if images.shape[-1] != 3:
-            raise ValueError(f"images have {images.shape[-1]} channels, expected 3 (RGB) in shape {expected}")
-        if images.shape[1] != cfg.cameras:
-            raise ValueError(f"images have {images.shape[1]} cameras, expected {cfg.cameras} in shape {expected}")
-        if tuple(images.shape[2:4]) != (size, size):
-            raise ValueError(f"images are {images.shape[2]}x{images.shape[3]}, expected {size}x{size} in shape {expected}")
-        batch = images.shape[0]
-        if batch == 0:
-            raise ValueError(f"images have shape {tuple(images.shape)}: a batch of 0 observations; expected at least one")
-        if isinstance(instructions, str):
-            instructions = [instructions]
-        instructions = list(instructions)
-        if len(instructions) != batch:
-            raise ValueError(f"got {len(instructions)} instructions for a batch of {batch} images")
-        for i, text in enumerate(instructions):
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"instruction {i} is {text!r}, expected a non-empty string")
-        if cfg.proprio_dim == 0:
-            if proprio is not None:
-                raise ValueError("proprio was given but this model has proprio_dim=0")
-            return images.to(self.device), instructions, None
-        if proprio is None:
-            raise ValueError(f"this model needs proprio of shape ({batch}, {cfg.proprio_dim})")
-        proprio = torch.as_tensor(proprio, dtype=torch.float32)
-        if tuple(proprio.shape) != (batch, cfg.proprio_dim):
-            raise ValueError(f"proprio has shape {tuple(proprio.shape)}, expected ({batch}, {cfg.proprio_dim})")
-        if not torch.isfinite(proprio).all():
-            bad = (~torch.isfinite(proprio)).nonzero()[0].tolist()
-            raise ValueError(f"proprio contains a non-finite value at index {bad}: {proprio[tuple(bad)].item()}")
-        return images.to(self.device), instructions, proprio.to(self.device)
-
     # ---- the forward path -------------------------------------------------------------------------
-    def _prompt_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompt ids (B, L) and their validity mask."""
-        ids = [self.tokenizer(prompt_text(t), add_special_tokens=False)["input_ids"] for t in instructions]
-        limit = getattr(self.lm.causal_lm.config, "max_position_embeddings", None)
-        if limit is not None:
-            others = self.sequence_length(0)
-            for i, x in enumerate(ids):
-                if others + len(x) > limit:
-                    raise ValueError(
-                        f"instruction {i} ({len(instructions[i])} characters) takes {len(x)} prompt tokens: the sequence "
-                        f"would hold {others + len(x)} positions, beyond the LM's max_position_embeddings={limit}; "
-                        f"shorten it to at most {limit - others} prompt tokens")
-        length = max(len(x) for x in ids)
-        out = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(ids), length), dtype=torch.bool)
-        for i, x in enumerate(ids):
-            out[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-            valid[i, : len(x)] = True
-        return out.to(self.device), valid.to(self.device)
+    def preprocess(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None) -> ModelInputs:
+        """Checked, tokenized inputs on the model's device (model/processor.py); one clear error per bad value."""
+        return self.processor(images, instructions, proprio, self.device)
 
     def sequence_length(self, prompt_tokens: int) -> int:
         """Positions of a sample's sequence with `prompt_tokens` prompt tokens (before any pruning)."""
-        slots = 0 if self.head.reads_kv_cache else self.config.num_action_tokens + 1  # action slots + STOP
-        proprio = 1 if self.proprio_projector is not None else 0
-        return 1 + self.config.num_visual_tokens + proprio + prompt_tokens + slots
+        return self.processor.fixed_positions + prompt_tokens
 
     def lm_input(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None) -> TokenState:
         """The LM input token state for raw observations, checked as `predict_action` checks them."""
-        return self.encode(*self._check_inputs(images, instructions, proprio))
+        return self.encode(self.preprocess(images, instructions, proprio))
 
-    def encode(
-        self, images: torch.Tensor, instructions: list[str], proprio: torch.Tensor | None, timer: Any = NULL_TIMER
-    ) -> TokenState:
-        """Build the input token state of the LM from checked inputs."""
+    def encode(self, inputs: ModelInputs, timer: Timer = NULL_TIMER) -> TokenState:
+        """The input token state of the LM: [BOS][visual][proprio][prompt] and the policy's suffix
+        (action slots with zero embeddings, STOP), positions counting valid tokens only."""
         with timer.stage("vision"):
-            patches = self.vision(images)
+            patches = self.vision(inputs.images)
         with timer.stage("projector"):
             visual = self.projector(patches)
             batch, width = visual.shape[0], visual.shape[-1]
+            slots, stop = self.policy.suffix(self)
             parts = [self.lm.embed(torch.full((batch, 1), self.bos_id, device=self.device)), visual]
             if self.proprio_projector is not None:
-                parts.append(self.proprio_projector(self.proprio_norm.normalize(proprio).to(visual.dtype))[:, None])
-            prompt_ids, prompt_valid = self._prompt_ids(instructions)
-            parts.append(self.lm.embed(prompt_ids))
-            # the action expert reads the KV cache of [BOS][visual][proprio][prompt]: no slots, no STOP
-            slots = 0 if self.head.reads_kv_cache else self.config.num_action_tokens
-            if not self.head.reads_kv_cache:
-                parts.append(visual.new_zeros(batch, slots, width))
-                parts.append(self.lm.embed(torch.full((batch, 1), self.stop_id, device=self.device)))
+                proprio = self.proprio_norm.normalize(inputs.proprio).to(visual.dtype)
+                parts.append(self.proprio_projector(proprio)[:, None])
+            parts.append(self.lm.embed(inputs.prompt_ids))
+            parts.append(visual.new_zeros(batch, slots, width))
+            parts.append(self.lm.embed(torch.full((batch, stop), self.stop_id, device=self.device)))
             hidden = torch.cat(parts, dim=1)
-            layout = Layout(
-                visual=visual.shape[1],
-                proprio=1 if self.proprio_projector is not None else 0,
-                prompt=prompt_ids.shape[1],
-                action=slots,
-                stop=0 if self.head.reads_kv_cache else 1,
-            )
+            layout = Layout(visual=visual.shape[1], proprio=1 if self.proprio_projector is not None else 0,
+                            prompt=inputs.prompt_ids.shape[1], action=slots, stop=stop)
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=self.device)
-            valid[:, layout.span("prompt")] = prompt_valid
+            valid[:, layout.span("prompt")] = inputs.prompt_valid
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
         return TokenState(hidden, position_ids, valid, layout, self.config.bidirectional_actions)
-
-    def action_hidden(self, state: TokenState) -> torch.Tensor:
-        """Final hidden states at the action slots (B, chunk * action_dim, D)."""
-        return state.hidden[:, state.layout.span("action")]
-
-    def _readout(self) -> torch.Tensor:
-        return self.lm.causal_lm.get_output_embeddings().weight
 
     @torch.inference_mode()
     def predict_action(
@@ -301,26 +245,14 @@ class VLA(nn.Module):
 
         Diffusion, flow and expert heads start from `noise` (B, chunk, action_dim) when given, else from
         Gaussian noise drawn with `seed`. A `StageTimer` records inputs / vision / projector / lm / head
-        times (input checking, encoders, the decoder with its pruning hooks, the action head); with
-        the expert head, lm / head become prefix / reasoning / flow (or trajectory).
+        times (checking and tokenizing the inputs, encoders, the decoder with its pruning hooks, the
+        action head); with the expert policy, lm / head become prefix / reasoning / flow (or trajectory).
         """
         timer = timer or NULL_TIMER
         with timer.stage("inputs"):
-            images, instructions, proprio = self._check_inputs(images, instructions, proprio)
-        state = self.encode(images, instructions, proprio, timer)
-        if self.head.reads_kv_cache:  # prefix / reasoning / flow stages: model/expert_policy.py
-            return self.action_norm.unnormalize(act(self, state, noise, seed, timer).actions.float())
-        with timer.stage("lm"):
-            state = self.lm(state, timer)
-        with timer.stage("head"):
-            if self.head.stochastic and noise is None:
-                gen = torch.Generator(device="cpu").manual_seed(seed)
-                noise = torch.randn((images.shape[0], self.config.chunk, self.config.action_dim), generator=gen)
-            if noise is not None:
-                noise = noise.to(self.device)
-            actions = self.head.predict(self.action_hidden(state), self._readout(), noise)
-            actions = self.action_norm.unnormalize(actions.float())
-        return actions
+            inputs = self.preprocess(images, instructions, proprio)
+        actions = self.policy.act(self, self.encode(inputs, timer), noise, seed, timer)
+        return self.action_norm.unnormalize(actions.float())
 
     def compute_loss(
         self,
@@ -331,14 +263,11 @@ class VLA(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """The head's training loss for unnormalized target actions (B, chunk, action_dim)."""
-        images, instructions, proprio = self._check_inputs(images, instructions, proprio)
+        inputs = self.preprocess(images, instructions, proprio)
         actions = torch.as_tensor(actions, dtype=torch.float32, device=self.device)
-        expected = (images.shape[0], self.config.chunk, self.config.action_dim)
+        expected = (inputs.batch, self.config.chunk, self.config.action_dim)
         if tuple(actions.shape) != expected:
             raise ValueError(f"actions have shape {tuple(actions.shape)}, expected {expected}")
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or infinite values")
-        if self.head.reads_kv_cache:
-            return expert_loss(self, self.encode(images, instructions, proprio), self.action_norm.normalize(actions), generator)
-        state = self.lm(self.encode(images, instructions, proprio))
-        return self.head.loss(self.action_hidden(state), self._readout(), self.action_norm.normalize(actions), generator)
+        return self.policy.loss(self, self.encode(inputs), self.action_norm.normalize(actions), generator)

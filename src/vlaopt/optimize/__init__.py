@@ -5,6 +5,7 @@ A recipe is an ordered list of `{step: {params}}` (YAML or Python). Step kinds r
 """
 
 from vlaopt.optimize import head, layers, quant, tokens, weights  # noqa: F401  (register the recipe steps)
+from vlaopt.optimize.loading import load
 from vlaopt.optimize.recipe import STEPS, apply, load_recipe, rebuild
 
-__all__ = ["STEPS", "apply", "load_recipe", "rebuild"]
+__all__ = ["STEPS", "apply", "load", "load_recipe", "rebuild"]

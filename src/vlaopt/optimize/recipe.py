@@ -109,7 +109,7 @@ def apply(model: Any, recipe: str | Path | list[dict[str, Any]], calibration: Se
 
 
 def rebuild(model: Any, recipe: list[dict[str, Any]]) -> None:
-    """Replay a recorded recipe's structure on a fresh model (used by `VLA.from_pretrained`)."""
+    """Replay a recorded recipe's structure on a fresh model (`vlaopt.load` hands it to `VLA.from_pretrained`)."""
     for name, resolved in _entries(recipe):
         STEPS.get(name)().rebuild(model, _recorded(name, resolved))
     model.config.recipe = [dict(e) for e in recipe]

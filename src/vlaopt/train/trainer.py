@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlaopt.model.checkpoint import CheckpointError, read_manifest, verify_manifest
 from vlaopt.model.vla import CONFIG_FILE, WEIGHTS_FILE, VLA
-from vlaopt.train.schedules import lightvla_noise, lr_factor
+from vlaopt.train.schedules import lr_factor
 from vlaopt.utils.checks import check_positive
 from vlaopt.utils.io import atomic_write_text, fsync_path, remove_atomic_leftovers, sha256_file
 
@@ -346,13 +346,12 @@ def _resume(out: Path, ckpt: Path, model: VLA, cfg: TrainConfig, opt: torch.opti
     """Load checkpoint `ckpt` into the model, optimizer, schedule and random generators; returns
     (step, log). The top-level model files are rewritten if a kill left them stale."""
     meta, tensors = _read_state(ckpt)
-    resumed = VLA.from_pretrained(ckpt)
     _check_resume(out, ckpt, model, cfg, meta["train_config"])
     start = meta["step"]
     if start > cfg.steps:
         raise ValueError(f"cannot resume {out} with steps={cfg.steps}: its checkpoint is at step {start} already; "
                          f"pass more steps than {start} to extend the run")
-    model.load_state_dict(resumed.state_dict())
+    model.load_state(ckpt)  # the same structure: _check_resume compared the configs, recipe included
     _restore_state(opt, sched, meta, tensors, ckpt)
     if not _model_matches(out, ckpt):
         _refresh_model(out, model, cfg)
@@ -404,7 +403,6 @@ def train(model: VLA, train_set: Dataset, val_set: Dataset | None, out: str | Pa
         discard_run_state(out)
     model, opt, loader = accelerator.prepare(model, opt, loader)
     core = accelerator.unwrap_model(model)
-    pruners = [h for h in core.lm.hooks if hasattr(h, "set_noise_scale")]
 
     columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
                TimeRemainingColumn()]
@@ -412,8 +410,8 @@ def train(model: VLA, train_set: Dataset, val_set: Dataset | None, out: str | Pa
         task = bar.add_task("train", total=cfg.steps, completed=start, info="")
         step = start
         for batch in loader:
-            for p in pruners:
-                p.set_noise_scale(lightvla_noise(step, cfg.steps))
+            for hook in core.lm.hooks:  # hooks with a training schedule (LightVLA's score noise) follow it
+                hook.training_step(step, cfg.steps)
             model.train()
             loss = core.compute_loss(batch["images"], batch["instructions"], batch["actions"], batch.get("proprio"))
             opt.zero_grad(set_to_none=True)

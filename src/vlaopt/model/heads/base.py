@@ -7,6 +7,7 @@ normalized actions (B, chunk, action_dim) in [-1, 1]; `loss` is its training obj
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ class ActionHead(nn.Module):
     """Base class: subclasses implement `predict` and `loss`."""
 
     stochastic = False  # True when `predict` starts from noise
-    reads_kv_cache = False  # the expert head reads the VLM's KV cache instead of action-slot states
+    policy: ClassVar[str] = "slots"  # model/policy.py: what drives the head (the expert head: "expert")
 
     def __init__(self, cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int) -> None:
         super().__init__()
@@ -30,6 +31,11 @@ class ActionHead(nn.Module):
         self.hidden_size = hidden_size
         self.action_dim = action_dim
         self.chunk = chunk
+
+    @classmethod
+    def build(cls, cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int,
+              lm_config: PretrainedConfig) -> ActionHead:
+        return cls(cfg, hidden_size, action_dim, chunk)
 
     def per_step(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, chunk * action_dim, D) -> (B, chunk, action_dim * D): one feature row per chunk step."""
@@ -50,9 +56,6 @@ class ActionHead(nn.Module):
 def build_head(
     cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int, lm_config: PretrainedConfig
 ) -> nn.Module:
-    """Instantiate the head named by `cfg.kind`; the expert head (`reads_kv_cache`) is built from the
-    LM's HF config instead of its width, as it shares the LM's family and attention geometry."""
-    cls = HEADS.get(cfg.kind)
-    if cls.reads_kv_cache:
-        return cls(cfg, action_dim, chunk, lm_config)
-    return cls(cfg, hidden_size, action_dim, chunk)
+    """Instantiate the head named by `cfg.kind` through its `build` (slot heads take the LM's width;
+    the expert takes the LM's HF config, whose family and attention geometry it shares)."""
+    return HEADS.get(cfg.kind).build(cfg, hidden_size, action_dim, chunk, lm_config)

@@ -104,8 +104,13 @@ def integrate(
 class ExpertHead(nn.Module):
     """The action expert; see the module docstring. `velocity` is one expert pass over a cache."""
 
-    reads_kv_cache = True
+    policy = "expert"
     stochastic = True
+
+    @classmethod
+    def build(cls, cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int,
+              lm_config: PretrainedConfig) -> ExpertHead:
+        return cls(cfg, action_dim, chunk, lm_config)
 
     def __init__(self, cfg: HeadConfig, action_dim: int, chunk: int, lm_config: PretrainedConfig) -> None:
         super().__init__()

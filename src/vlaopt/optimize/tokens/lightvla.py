@@ -38,6 +38,11 @@ class LightVLAConfig(PrunerConfig):
             raise ValueError(f"train_path={self.train_path!r}; expected one of {', '.join(TRAIN_PATHS)}")
 
 
+def noise_schedule(step: int, total: int) -> float:
+    """LightVLA's training noise on the scores: 1 at the start, decaying linearly to 0 (1 - step / total)."""
+    return max(0.0, 1.0 - step / max(1, total))
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],))
 
@@ -82,8 +87,11 @@ class LightVLAPruner(TokenPruner):
         self.noise_scale = 0.0
 
     def set_noise_scale(self, value: float) -> None:
-        """Scale of the uniform score noise used in training (LightVLA: 1 - step / max_steps)."""
+        """Scale of the uniform score noise used in training."""
         self.noise_scale = float(value)
+
+    def training_step(self, step: int, total: int) -> None:
+        self.set_noise_scale(noise_schedule(step, total))
 
     def votes(self, state: TokenState) -> torch.Tensor:
         """Index of the patch each patch votes for (B, P), from the noise-free scores."""
