@@ -17,7 +17,7 @@ def test_round_trip(tmp_path, suffix):
 
 
 def test_unknown_choices_are_named():
-    with pytest.raises(ValueError, match=r"head.kind='mlp' is not supported; expected one of l1, discrete, diffusion, flow"):
+    with pytest.raises(KeyError, match=r"unknown action head 'mlp'; expected one of diffusion, discrete, expert, flow, l1"):
         VLAConfig.tiny(head="mlp")
     with pytest.raises(ValueError, match=r"lm='gpt2' is not supported; expected one of llama, qwen2, qwen3"):
         VLAConfig.tiny(lm="gpt2")
@@ -28,7 +28,7 @@ def test_unknown_choices_are_named():
 def test_unknown_keys_are_named():
     data = VLAConfig.tiny().to_dict()
     data["head"]["stepz"] = 3
-    with pytest.raises(ValueError, match=r"unknown head config keys \['stepz'\]"):
+    with pytest.raises(ValueError, match=r"unknown l1 head parameter\(s\) \['stepz'\]"):
         VLAConfig.from_dict(data)
 
 
@@ -45,3 +45,29 @@ def test_the_builtin_vocabulary_size_matches_the_builtin_tokenizer():
     from vlaopt.model.tokenizer import build_builtin_tokenizer
 
     assert len(build_builtin_tokenizer()) == BUILTIN_VOCAB_SIZE == VLAConfig.tiny().lm.hf_config["vocab_size"]
+
+
+def test_head_configs_come_from_one_registry_shared_with_the_heads():
+    from vlaopt.config import HEAD_CONFIGS
+    from vlaopt.model.heads import HEADS
+
+    assert HEAD_CONFIGS.names() == HEADS.names() == ["diffusion", "discrete", "expert", "flow", "l1"]
+    for kind in HEAD_CONFIGS.names():
+        cfg = VLAConfig.tiny(head=kind)
+        assert type(cfg.head) is HEAD_CONFIGS.get(kind) and VLAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_flat_head_config_saved_before_per_head_configs_still_loads():
+    """Older config.json files list every head's fields; those a head lacks are dropped at their old
+    defaults (they had no effect), anything else is refused by name."""
+    from vlaopt.config import L1HeadConfig
+
+    flat = {"kind": "l1", "hidden_dim": 128, "num_blocks": 3, "steps": 10, "train_timesteps": 100, "bins": 256,
+            "kv_layers": "all", "integrator": "euler", "reasoning_tokens": 0, "temperature": 0.0, "top_p": 1.0,
+            "trajectory": "flow"}
+    data = VLAConfig.tiny().to_dict()
+    data["head"] = flat
+    assert VLAConfig.from_dict(data).head == L1HeadConfig(hidden_dim=128, num_blocks=3)
+    data["head"] = {**flat, "kv_layers": "later"}
+    with pytest.raises(ValueError, match=r"unknown l1 head parameter\(s\) \['kv_layers'\]"):
+        VLAConfig.from_dict(data)

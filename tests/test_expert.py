@@ -11,7 +11,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench.timer import StageTimer
-from vlaopt.config import HeadConfig
+from vlaopt.config import head_config
 from vlaopt.model.decode import generate_text, last_token_logits
 from vlaopt.model.expert_policy import fill_prefix, forbidden_text_ids, rollout
 from vlaopt.model.heads.expert import integrate
@@ -213,10 +213,11 @@ def test_flow_steps_errors_name_the_head_and_value():
 
 
 def test_expert_options_are_validated_and_round_trip(tmp_path):
-    with pytest.raises(ValueError, match="reasoning_tokens=5 applies only to head.kind='expert'"):
-        HeadConfig(kind="flow", reasoning_tokens=5)
+    with pytest.raises(ValueError, match=r"unknown flow head parameter\(s\) \['reasoning_tokens'\]; expected a subset "
+                                         r"of \['hidden_dim', 'num_blocks', 'steps'\]"):
+        head_config("flow", reasoning_tokens=5)
     with pytest.raises(ValueError, match="integrator='rk4'"):
-        HeadConfig(kind="expert", integrator="rk4")
+        head_config("expert", integrator="rk4")
     cfg = VLAConfig.tiny(head="expert")
     cfg.head = dataclasses.replace(cfg.head, kv_layers="later", reasoning_tokens=7, temperature=0.5)
     cfg.save(tmp_path / "c.yaml")

@@ -97,7 +97,7 @@ def test_resume_with_another_config_explains_the_difference(tmp_path):
     tc = TrainConfig(steps=2, batch_size=8, warmup_steps=1, save_every=2)
     train(VLA(cfg), data, None, tmp_path / "run", tc, STATS, progress=False)
     other = VLAConfig.tiny(proprio_dim=2, head="flow")
-    with pytest.raises(ValueError, match=r"cannot resume from .*run: the configuration differs \(model.head.kind: saved 'l1' vs now 'flow'\)"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*run: the configuration differs \(model.head.kind: saved 'l1' vs now 'flow'; model.head.steps: saved None vs now 4\)"):
         train(VLA(other), data, None, tmp_path / "run", TrainConfig(steps=4, batch_size=8, warmup_steps=1, save_every=2),
               STATS, progress=False)
 

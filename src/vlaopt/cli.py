@@ -11,7 +11,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from vlaopt.config import HEAD_KINDS, LM_FAMILIES, VISION_KINDS, VLAConfig
+from vlaopt.config import HEAD_CONFIGS, LM_FAMILIES, VISION_KINDS, VLAConfig
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser_class())
     demo = sub.add_parser("demo", help="build a tiny VLA and time one action chunk, stage by stage")
     demo.add_argument("--lm", choices=LM_FAMILIES, default="llama", help="decoder LM family of the tiny model")
-    demo.add_argument("--head", choices=HEAD_KINDS, default="l1", help="action head")
+    demo.add_argument("--head", choices=HEAD_CONFIGS.names(), default="l1", help="action head")
     demo.add_argument("--vision", choices=VISION_KINDS, default="siglip", help="vision backbone")
     demo.add_argument("--cameras", type=int, default=2, help="camera images per observation")
     demo.add_argument("--image-size", type=int, default=64, help="image height and width in pixels")

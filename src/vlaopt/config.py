@@ -10,24 +10,26 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from vlaopt.utils.checks import check_choice, check_positive
 from vlaopt.utils.files import read_config_file
 from vlaopt.utils.io import atomic_write_text
+from vlaopt.utils.registry import Registry
 
 VISION_KINDS = ("siglip", "dinov2", "fused")
 LM_FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
-HEAD_KINDS = ("l1", "discrete", "diffusion", "flow", "expert")
 KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
 INTEGRATORS = ("euler", "midpoint")
 TRAJECTORY_MODES = ("flow", "autoregressive")
+TINY_HEAD = {"hidden_dim": 64, "num_blocks": 2, "steps": 4, "train_timesteps": 20}  # head fields of `tiny()`
 BUILTIN_VOCAB_SIZE = 3 + 256 + 256  # the built-in byte tokenizer: 3 specials, 256 bytes, 256 action bins
-EXPERT_ONLY = {"kv_layers": "all", "integrator": "euler", "reasoning_tokens": 0, "temperature": 0.0, "top_p": 1.0,
-               "trajectory": "flow"}  # HeadConfig fields (and defaults) that only the expert head reads
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 @dataclass
@@ -88,33 +90,99 @@ class LMConfig:
         return str(self.hf_config.get("model_type", "?"))
 
 
+HEAD_CONFIGS: Registry[type[HeadConfig]] = Registry("action head")
+"""Head name -> its config class; the heads themselves register under the same names (model/heads/)."""
+
+
 @dataclass
 class HeadConfig:
-    """Action head: `l1` regression, `discrete` 256-bin tokens, `diffusion` (DDIM) or `flow` matching, or
-    `expert`: a small transformer over the VLM's KV cache refined by flow steps (pi0 / GR-3 / Alpamayo-R1).
+    """Base of the per-head configs: `kind` is the head's registered name (see `head_config`);
+    `positive` names the integer fields that must be positive."""
 
-    Expert-only options (docs/expert.md): `kv_layers` (all | later), `integrator` (euler | midpoint),
-    `reasoning_tokens` (text the VLM may generate before acting; sampled when `temperature` > 0, with
-    `top_p`) and `trajectory` (`autoregressive` decodes discretised action tokens one by one instead)."""
+    positive: ClassVar[tuple[str, ...]] = ()
+    kind: str = ""
 
+    def __post_init__(self) -> None:
+        registered = HEAD_CONFIGS.get(self.kind) if self.kind else None
+        if registered is not type(self):
+            raise ValueError(f"head.kind={self.kind!r} does not name {type(self).__name__}; build head configs with "
+                             f"head_config(kind, ...), kind one of {', '.join(HEAD_CONFIGS.names())}")
+        check_positive(self, "head.", *self.positive)
+
+
+@HEAD_CONFIGS.register("l1")
+@dataclass
+class L1HeadConfig(HeadConfig):
+    """OFT's L1 regression head: an MLP-ResNet over each chunk step's action-slot states."""
+
+    positive: ClassVar[tuple[str, ...]] = ("hidden_dim", "num_blocks")
     kind: str = "l1"
+    hidden_dim: int = 256
+    num_blocks: int = 2
+
+
+@HEAD_CONFIGS.register("discrete")
+@dataclass
+class DiscreteHeadConfig(HeadConfig):
+    """OpenVLA / RT-2 action tokens: `bins` bins read from the logits of the last `bins` vocabulary ids."""
+
+    positive: ClassVar[tuple[str, ...]] = ("bins",)
+    kind: str = "discrete"
+    bins: int = 256
+
+
+@HEAD_CONFIGS.register("diffusion")
+@dataclass
+class DiffusionHeadConfig(HeadConfig):
+    """DDIM sampling in `steps` of a denoiser trained on `train_timesteps` (cosine schedule)."""
+
+    positive: ClassVar[tuple[str, ...]] = ("hidden_dim", "num_blocks", "steps", "train_timesteps")
+    kind: str = "diffusion"
     hidden_dim: int = 256
     num_blocks: int = 2
     steps: int = 10
     train_timesteps: int = 100
-    bins: int = 256
-    kv_layers: str = EXPERT_ONLY["kv_layers"]
-    integrator: str = EXPERT_ONLY["integrator"]
-    reasoning_tokens: int = EXPERT_ONLY["reasoning_tokens"]
-    temperature: float = EXPERT_ONLY["temperature"]
-    top_p: float = EXPERT_ONLY["top_p"]
-    trajectory: str = EXPERT_ONLY["trajectory"]
 
     def __post_init__(self) -> None:
-        check_choice("head.kind", self.kind, HEAD_KINDS)
-        check_positive(self, "head.", "hidden_dim", "num_blocks", "steps", "train_timesteps", "bins")
+        super().__post_init__()
         if self.steps > self.train_timesteps:
             raise ValueError(f"head.steps={self.steps} cannot exceed head.train_timesteps={self.train_timesteps}")
+
+
+@HEAD_CONFIGS.register("flow")
+@dataclass
+class FlowHeadConfig(HeadConfig):
+    """Rectified flow integrated in `steps` Euler steps by a denoiser over the action-slot states."""
+
+    positive: ClassVar[tuple[str, ...]] = ("hidden_dim", "num_blocks", "steps")
+    kind: str = "flow"
+    hidden_dim: int = 256
+    num_blocks: int = 2
+    steps: int = 10
+
+
+@HEAD_CONFIGS.register("expert")
+@dataclass
+class ExpertHeadConfig(HeadConfig):
+    """The action expert over the VLM's KV cache (pi0 / GR-3 / Alpamayo-R1; docs/expert.md): width
+    `hidden_dim`, `steps` flow steps with `integrator`, the KV of `kv_layers` (all | later), optional
+    `reasoning_tokens` decoded first (sampled when `temperature` > 0, with `top_p`), and `trajectory:
+    autoregressive` to decode `bins`-bin action tokens one by one instead of flowing."""
+
+    positive: ClassVar[tuple[str, ...]] = ("hidden_dim", "steps", "bins")
+    kind: str = "expert"
+    hidden_dim: int = 256
+    steps: int = 10
+    kv_layers: str = "all"
+    integrator: str = "euler"
+    reasoning_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    trajectory: str = "flow"
+    bins: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         check_choice("head.kv_layers", self.kv_layers, KV_LAYER_CHOICES)
         check_choice("head.integrator", self.integrator, INTEGRATORS)
         check_choice("head.trajectory", self.trajectory, TRAJECTORY_MODES)
@@ -124,9 +192,35 @@ class HeadConfig:
             raise ValueError(f"head.temperature={self.temperature!r} must be >= 0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"head.top_p={self.top_p!r} must be in (0, 1]")
-        for name, default in EXPERT_ONLY.items():
-            if self.kind != "expert" and getattr(self, name) != default:
-                raise ValueError(f"head.{name}={getattr(self, name)!r} applies only to head.kind='expert', not {self.kind!r}")
+
+
+LEGACY_HEAD_FIELDS = {"hidden_dim": 256, "num_blocks": 2, "steps": 10, "train_timesteps": 100, "bins": 256,
+                      "kv_layers": "all", "integrator": "euler", "reasoning_tokens": 0, "temperature": 0.0,
+                      "top_p": 1.0, "trajectory": "flow"}
+"""The one flat head config saved before per-head configs: every head's file lists all these fields.
+Loading such a file drops the fields its head does not have while they hold these defaults (they
+had no effect), so older saved models keep loading."""
+
+
+def head_config(kind: str, **params: Any) -> HeadConfig:
+    """The config of head `kind` (a registered name) from `params`, naming unknown parameters."""
+    cls = HEAD_CONFIGS.get(kind)
+    names = {f.name for f in dataclasses.fields(cls)} - {"kind"}
+    unknown = sorted(set(params) - names)
+    if unknown:
+        raise ValueError(f"unknown {kind} head parameter(s) {unknown}; expected a subset of {sorted(names)}")
+    return cls(kind=kind, **params)
+
+
+def head_from_dict(data: dict[str, Any]) -> HeadConfig:
+    """A head config from its saved form (see `LEGACY_HEAD_FIELDS` for files saved before per-head configs)."""
+    data = dict(data)
+    kind = data.pop("kind", "l1")
+    names = {f.name for f in dataclasses.fields(HEAD_CONFIGS.get(kind))}
+    for name, default in LEGACY_HEAD_FIELDS.items():
+        if name not in names and data.get(name, default) == default:
+            data.pop(name, None)
+    return head_config(kind, **data)
 
 
 @dataclass
@@ -138,7 +232,7 @@ class VLAConfig:
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     lm: LMConfig = field(default_factory=lambda: LMConfig(hf_config={"model_type": "llama"}))
-    head: HeadConfig = field(default_factory=HeadConfig)
+    head: HeadConfig = field(default_factory=L1HeadConfig)
     cameras: int = 1
     proprio_dim: int = 0
     action_dim: int = 7
@@ -173,7 +267,9 @@ class VLAConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown VLAConfig keys {unknown}; expected a subset of {sorted(known)}")
-        sub = {"vision": VisionConfig, "lm": LMConfig, "head": HeadConfig}
+        if isinstance(data.get("head"), dict):
+            data["head"] = head_from_dict(data["head"])
+        sub = {"vision": VisionConfig, "lm": LMConfig}
         for key, sub_cls in sub.items():
             if key in data and isinstance(data[key], dict):
                 sub_known = {f.name for f in dataclasses.fields(sub_cls)}
@@ -239,7 +335,7 @@ class VLAConfig:
                 intermediate_size=64,
             ),
             lm=LMConfig(hf_config=hf),
-            head=HeadConfig(kind=head, hidden_dim=64, num_blocks=2, steps=4, train_timesteps=20),
+            head=head_config(head, **{k: v for k, v in TINY_HEAD.items() if k in _field_names(HEAD_CONFIGS.get(head))}),
             cameras=cameras,
             proprio_dim=proprio_dim,
             action_dim=action_dim,

@@ -13,9 +13,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from vlaopt.config import HEAD_CONFIGS
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
-
-STEPPED_HEADS = ("flow", "expert", "diffusion")
 
 
 @dataclass
@@ -36,9 +35,11 @@ class FlowStepsStep(RecipeStep):
     def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
         cfg = make_config(FlowStepsConfig, params, "flow_steps")
         head = model.config.head
-        if head.kind not in STEPPED_HEADS:
+        stepped = [name for name in HEAD_CONFIGS.names() if "steps" in {f.name for f in dataclasses.fields(
+            HEAD_CONFIGS.get(name))}]
+        if head.kind not in stepped:
             raise ValueError(
-                f"flow_steps applies to heads that sample in steps ({', '.join(STEPPED_HEADS)}); "
+                f"flow_steps applies to heads that sample in steps ({', '.join(stepped)}); "
                 f"this model's head is {head.kind!r}"
             )
         if head.kind == "diffusion" and cfg.n > head.train_timesteps:
