@@ -7,6 +7,7 @@ held-out observations. Writes JSON to `--out`.
 
     python benchmarks/compress_lm.py                          # CPU, the `small` model, all recipes
     python benchmarks/compress_lm.py --device cuda --size large
+    python benchmarks/compress_lm.py --size tiny --repeats 1 --warmup 0   # seconds: checks the script runs
 
 The VLA runs in float32 (TF32 matmuls on CUDA). On CUDA a second section times the LM alone in
 bfloat16, dense against 2:4 semi-structured weights, since the sparse kernels need half precision.
@@ -23,30 +24,36 @@ import copy
 import dataclasses
 import datetime
 import json
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import transformers
 from rich.console import Console
 from rich.table import Table
-from tqdm import tqdm
 
 from vlaopt import VLA, VLAConfig, apply
+from vlaopt.bench.machine import machine_info
+from vlaopt.bench.models import apply_each, bench_config, lm_config
+from vlaopt.bench.stages import CPU, paired_ratio, summarize, time_interleaved
 from vlaopt.bench.timer import StageTimer
-from vlaopt.config import HeadConfig, LMConfig, VisionConfig
+from vlaopt.config import head_config
 from vlaopt.model.checkpoint import unique_state, weight_size
 from vlaopt.optimize.calibration import random_observations
 from vlaopt.optimize.weights.semi_structured import to_semi_structured
+from vlaopt.utils.io import atomic_write_text
 
-SIZES = {  # LM shapes: "small" is a Qwen2-style 8-layer LM for CPUs, "large" a wider one (2048 wide, 0.4 B) for GPUs
+SIZES = {  # LM shapes: "small" is a Qwen2-style 8-layer LM for CPUs, "large" a wider one (2048 wide, 0.4 B) for
+    # GPUs, "tiny" the small one's depth at an eighth of its width, which runs in seconds (to check the script)
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 192,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+    },
     "small": {
         "hidden_size": 512,
         "intermediate_size": 1536,
@@ -66,21 +73,10 @@ SIZES = {  # LM shapes: "small" is a Qwen2-style 8-layer LM for CPUs, "large" a 
 }
 
 
-def bench_config(size: str) -> VLAConfig:
-    """A VLA with one 224 px camera (256 visual tokens), 8 x 7 action slots and the LM `size`."""
-    from vlaopt.model.tokenizer import BUILTIN_VOCAB_SIZE
-
-    hf = {
-        "model_type": "qwen2",
-        "vocab_size": BUILTIN_VOCAB_SIZE,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    }
-    hf.update(SIZES[size])
-    vision = VisionConfig(
-        kind="siglip", image_size=224, patch_size=14, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256
-    )
-    return VLAConfig(vision=vision, lm=LMConfig(hf_config=hf), head=HeadConfig(kind="l1"), proprio_dim=8, chunk=8)
+def compress_config(size: str) -> VLAConfig:
+    """A VLA with one 224 px camera (256 visual tokens), 8 x 7 action slots and the Qwen2-style LM `size`."""
+    lm = lm_config("qwen2", max_position_embeddings=2048, **SIZES[size])
+    return bench_config(lm, head_config("l1"), cameras=1, vision_width=128, vision_layers=2, action_dim=7, chunk=8)
 
 
 def recipes(layers: int, calibration: dict[str, Any], device: str) -> dict[str, tuple[str, list[dict[str, Any]]]]:
@@ -129,59 +125,38 @@ def action_error(model: VLA, reference: torch.Tensor, observations: list) -> dic
     }
 
 
-class CPUStageTimer(StageTimer):
-    """A StageTimer that also records each stage's CPU time of the calling thread. With one torch
-    thread all the work runs in that thread, so on a shared machine CPU time counts the work alone,
-    while wall time also counts the waits for a core that other jobs cause."""
-
-    def __init__(self, device: torch.device | str = "cpu") -> None:
-        super().__init__(device)
-        self.cpu_seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        t0 = time.thread_time()
-        with super().stage(name):
-            yield
-        self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.thread_time() - t0
+def _predict(model: VLA, obs: tuple) -> Callable[[StageTimer], Any]:
+    return lambda timer: model.predict_action(*obs, timer=timer)
 
 
-def _quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return q[0], statistics.median(values), q[2]
-
-
-def time_interleaved(models: dict[str, VLA], obs: tuple, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
-    """Per model, over `repeats` rounds that each call every model once (after `warmup` calls each):
-    the `lm` stage's wall time (median, quartiles), its speed-up over the first model as the median
-    of per-round ratios, its thread CPU time (median; CPU runs only) and the whole call's wall time."""
-    for model in models.values():
-        for _ in range(warmup):
-            model.predict_action(*obs)
-    keys = ("lm", "lm_cpu", "total")
-    samples: dict[str, dict[str, list[float]]] = {name: {k: [] for k in keys} for name in models}
-    for _ in tqdm(range(repeats), desc="timing rounds", file=sys.stderr):
-        for name, model in models.items():
-            timer = CPUStageTimer(model.device)
-            t0 = time.perf_counter()
-            model.predict_action(*obs, timer=timer)
-            if timer.cuda:
-                torch.cuda.synchronize(model.device)
-            samples[name]["total"].append((time.perf_counter() - t0) * 1000)
-            samples[name]["lm"].append(timer.result()["lm"] * 1000)
-            samples[name]["lm_cpu"].append(timer.cpu_seconds["lm"] * 1000)
-    first = samples[next(iter(models))]
+def time_lm(models: dict[str, VLA], obs: tuple, repeats: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Per model, over `repeats` rounds that each call every model once (after `warmup` rounds): the
+    `lm` stage's wall time (median, quartiles), its speed-up over the first model as the median of
+    per-round ratios, its thread CPU time (median; CPU runs only) and the whole call's wall time."""
     on_cpu = next(iter(models.values())).device.type == "cpu"
+    calls = {name: _predict(model, obs) for name, model in models.items()}
+    samples = time_interleaved(calls, repeats, warmup, next(iter(models.values())).device, thread_cpu=on_cpu)
+    first = next(iter(samples.values()))
+    first_cpu = summarize(first).get("lm" + CPU)
     out = {}
     for name, s in samples.items():
-        p25, median, p75 = _quartiles(s["lm"])
-        ratios = [a / b for a, b in zip(first["lm"], s["lm"], strict=True)]
-        out[name] = {"lm_ms": median, "lm_p25_ms": p25, "lm_p75_ms": p75, "lm_speedup": statistics.median(ratios)}
+        stats = summarize(s)
+        lm = stats["lm"]
+        out[name] = {"lm_ms": lm.median_ms, "lm_p25_ms": lm.p25_ms, "lm_p75_ms": lm.p75_ms,
+                     "lm_speedup": paired_ratio(first, s, "lm")}
         if on_cpu:
-            out[name]["lm_cpu_ms"] = statistics.median(s["lm_cpu"])
-            out[name]["lm_cpu_speedup"] = statistics.median(first["lm_cpu"]) / out[name]["lm_cpu_ms"]
-        out[name]["total_ms"] = statistics.median(s["total"])
+            out[name]["lm_cpu_ms"] = stats["lm" + CPU].median_ms
+            out[name]["lm_cpu_speedup"] = first_cpu.median_ms / out[name]["lm_cpu_ms"]
+        out[name]["total_ms"] = stats["total"].median_ms
     return out
+
+
+def _run_lm(lm: torch.nn.Module, state: Any) -> Callable[[StageTimer], Any]:
+    def run(timer: StageTimer) -> None:
+        with timer.stage("lm"):
+            lm(dataclasses.replace(state))
+
+    return run
 
 
 def semi_structured_section(models: dict[str, VLA], obs: tuple, repeats: int, warmup: int) -> list[dict[str, Any]]:
@@ -193,33 +168,25 @@ def semi_structured_section(models: dict[str, VLA], obs: tuple, repeats: int, wa
         batch_obs = (np.repeat(images, batch, 0), list(instructions) * batch, np.repeat(proprio, batch, 0))
         base = models["baseline"]
         state = base.lm_input(*batch_obs)
-        state.hidden = state.hidden.to(torch.bfloat16)
+        state = dataclasses.replace(state, hidden=state.hidden.to(torch.bfloat16))
         lms = {"dense": copy.deepcopy(base.lm).to(torch.bfloat16)}
         for name in (n for n in models if n.endswith("2:4")):
             lms[f"{name} (dense kernels)"] = copy.deepcopy(models[name].lm).to(torch.bfloat16)
             sparse = copy.deepcopy(models[name].lm).to(torch.bfloat16)
-            to_semi_structured(sparse, targets=["causal_lm.model.layers.*"])
+            to_semi_structured(sparse, targets=["causal_lm.model.layers.*"])  # a runtime transform, not a recipe step
             lms[f"{name} (semi-structured)"] = sparse
         reference = lms["dense"](dataclasses.replace(state)).hidden.float()
-        times: dict[str, list[float]] = {name: [] for name in lms}
-        for _ in range(warmup):
-            for lm in lms.values():
-                lm(dataclasses.replace(state))
-        for _ in range(repeats):
-            for name, lm in lms.items():
-                timer = StageTimer(state.hidden.device)
-                with timer.stage("lm"):
-                    lm(dataclasses.replace(state))
-                times[name].append(timer.result()["lm"] * 1000)
-        base_ms = statistics.median(times["dense"])
+        calls = {name: _run_lm(lm, state) for name, lm in lms.items()}
+        samples = time_interleaved(calls, repeats, warmup, state.hidden.device, description=f"2:4 bf16, batch {batch}")
+        lm_ms = {name: summarize(s)["lm"].median_ms for name, s in samples.items()}
         for name, lm in lms.items():
             out = lm(dataclasses.replace(state)).hidden.float()
             rows.append(
                 {
                     "name": name,
                     "batch": batch,
-                    "lm_ms": statistics.median(times[name]),
-                    "lm_speedup": base_ms / statistics.median(times[name]),
+                    "lm_ms": lm_ms[name],
+                    "lm_speedup": lm_ms["dense"] / lm_ms[name],
                     "hidden_rel_err_vs_dense": ((out - reference).norm() / reference.norm()).item(),
                 }
             )
@@ -256,30 +223,11 @@ def int8_paths_section(base: VLA, obs: tuple, repeats: int, warmup: int) -> dict
             m = copy.deepcopy(base)
             quantize_(m, config, filter_fn=in_layers)
             variants[f"torchao {torchao.__version__} {label}"] = m
-    timings = time_interleaved(variants, obs, repeats, warmup)
+    timings = time_lm(variants, obs, repeats, warmup)
     return {
         "torchao": None if torchao is None else torchao.__version__,
         "rows": [{"name": name, **t} for name, t in timings.items()],
     }
-
-
-def machine(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [
-            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -302,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     console = Console(stderr=True, width=160)
-    model = VLA.from_pretrained(args.checkpoint) if args.checkpoint else VLA(bench_config(args.size)).eval()
+    model = VLA.from_pretrained(args.checkpoint) if args.checkpoint else VLA(compress_config(args.size)).eval()
     model.to(args.device)  # recipes are applied (and calibrated) where they run
-    torch.backends.cuda.matmul.allow_tf32 = True
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     cfg = model.config
     calibration = {"samples": args.samples, "source": "random"}
     if args.episodes:
@@ -315,20 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     held_out = random_observations(cfg, args.eval_samples, batch_size=8, seed=1234)
     timing_obs = random_observations(cfg, 1, seed=99)[0]
 
-    models: dict[str, VLA] = {}
-    rows: dict[str, dict[str, Any]] = {}
-    for name, (family, recipe) in tqdm(plan.items(), desc="applying recipes", file=sys.stderr):
-        m = copy.deepcopy(model)
-        t0 = time.perf_counter()
-        apply(m, recipe)
-        rows[name] = {"name": name, "family": family, "recipe": m.config.recipe, "apply_s": time.perf_counter() - t0}
-        models[name] = m
+    models, apply_s = apply_each(model, {name: recipe for name, (_, recipe) in plan.items()})
+    rows: dict[str, dict[str, Any]] = {
+        name: {"name": name, "family": family, "recipe": models[name].config.recipe, "apply_s": apply_s[name]}
+        for name, (family, _) in plan.items()
+    }
     with torch.inference_mode():
         reference = torch.cat([models["baseline"].predict_action(*obs).cpu() for obs in held_out])
         for name, m in models.items():
             rows[name].update(lm_weights(m))
             rows[name].update(action_error(m, reference, held_out))
-        timings = time_interleaved(models, timing_obs, args.repeats, args.warmup)
+        timings = time_lm(models, timing_obs, args.repeats, args.warmup)
     for name, row in rows.items():
         row.update(timings[name])
 
@@ -336,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "meta": {
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "command": " ".join(["python", *sys.argv]),
-            "machine": machine(args.device),
+            "command": " ".join(["python", *sys.argv] if argv is None else ["python", __file__, *argv]),
+            "machine": machine_info(args.device),
             "device": args.device,
             "threads": torch.get_num_threads(),
             "batch": 1,
@@ -374,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         with torch.inference_mode():
             result["cuda_2of4_bf16"] = semi_structured_section(models, timing_obs, args.repeats, args.warmup)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
     table = Table(title=f"LM stage, batch 1, {tokens} tokens, {args.device}, {torch.get_num_threads()} threads")
     columns = ["recipe", "lm ms", "p25-p75", "speed-up", "CPU ms", "CPU speed-up", "LM params M", "LM MB", "nonzero"]

@@ -1,7 +1,9 @@
 """Stage latencies of the action-expert VLA: flow steps, reasoning, and the autoregressive trajectory.
 
-One model (a Llama-style LM with an action expert over its KV cache; 2 cameras x 256 patches) runs
-every mode on the same weights and inputs, interleaved round by round after warm-up; medians are
+One model's weights (a Llama-style LM with an action expert over its KV cache; 2 cameras x 256
+patches) run every mode on the same inputs: each mode is a view of that model holding the very same
+weight tensors, with its head options (trajectory, reasoning budget) and its flow steps applied as a
+recipe (`flow_steps`). The modes run interleaved round by round after warm-up; medians are
 reported per stage (prefix / reasoning / flow or trajectory) and end to end, with ratios taken in
 the same run. Modes: the expert with 1/2/4/5/10 Euler flow steps, each without and with 40 reasoning
 tokens, and the autoregressive trajectory (chunk x action_dim discretised action tokens decoded one
@@ -14,24 +16,22 @@ tokens, 312 ms had the trajectory been decoded as 127 autoregressive tokens. Wri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import platform
-import statistics
-import time
+import sys
 from dataclasses import dataclass
 from datetime import date
 
-import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
-from vlaopt import VLA, VLAConfig
-from vlaopt.bench.timer import StageTimer
-from vlaopt.config import HeadConfig, LMConfig, VisionConfig
+from vlaopt import VLA
+from vlaopt.bench.machine import machine_info
+from vlaopt.bench.models import apply_each, bench_config, bench_inputs, lm_config, llama_shape
+from vlaopt.bench.stages import summarize, time_interleaved
+from vlaopt.config import head_config
 from vlaopt.model.expert_policy import rollout
-from vlaopt.model.tokenizer import BUILTIN_VOCAB_SIZE
 from vlaopt.utils.io import atomic_write_text
 
 ALPAMAYO_MS = {"flow_with_reasoning": 99.0, "autoregressive_with_reasoning": 312.0}
@@ -39,7 +39,7 @@ ALPAMAYO_MS = {"flow_with_reasoning": 99.0, "autoregressive_with_reasoning": 312
 
 @dataclass(frozen=True)
 class Mode:
-    """One way of predicting with the same model: flow steps (0 = autoregressive) and reasoning budget."""
+    """One way of predicting with the same weights: flow steps (0 = autoregressive) and reasoning budget."""
 
     steps: int
     reasoning: int
@@ -49,31 +49,48 @@ class Mode:
         act = f"flow{self.steps}" if self.steps else "autoregressive"
         return f"{act}+reason{self.reasoning}" if self.reasoning else act
 
-    def set_on(self, model: VLA) -> None:
-        head = model.head.cfg
-        head.trajectory = "flow" if self.steps else "autoregressive"
-        head.steps = self.steps or head.steps
-        head.reasoning_tokens = self.reasoning
+    @property
+    def trajectory(self) -> str:
+        return "flow" if self.steps else "autoregressive"
+
+    @property
+    def recipe(self) -> list[dict[str, dict[str, int]]]:
+        """The optimization this mode applies: fewer flow steps (none for the autoregressive trajectory)."""
+        return [{"flow_steps": {"n": self.steps}}] if self.steps else []
 
 
 def bench_model(args: argparse.Namespace) -> VLA:
     """The benchmark VLA: a Llama-style LM of `args.hidden` x `args.layers` with an expert head."""
-    cfg = VLAConfig(
-        vision=VisionConfig(kind="siglip", image_size=224, patch_size=14, hidden_size=64, num_layers=1, num_heads=2,
-                            intermediate_size=128),
-        lm=LMConfig(hf_config={
-            "model_type": "llama", "vocab_size": BUILTIN_VOCAB_SIZE, "hidden_size": args.hidden,
-            "intermediate_size": args.hidden * 3, "num_hidden_layers": args.layers,
-            "num_attention_heads": args.hidden // 64, "num_key_value_heads": max(1, args.hidden // 256),
-            "head_dim": 64, "max_position_embeddings": 4096, "tie_word_embeddings": True,
-        }),
-        head=HeadConfig(kind="expert", hidden_dim=args.expert_width, steps=10),
-        cameras=2, proprio_dim=8, action_dim=args.action_dim, chunk=args.chunk,
-    )
+    lm = lm_config("llama", max_position_embeddings=4096,
+                   **llama_shape(args.hidden, args.layers, kv_heads=max(1, args.hidden // 256)))
+    head = head_config("expert", hidden_dim=args.expert_width, steps=10)
+    cfg = bench_config(lm, head, cameras=2, vision_width=64, vision_layers=1, action_dim=args.action_dim,
+                       chunk=args.chunk)
     return VLA(cfg).to(args.device).eval()
 
 
-def main() -> None:
+def with_head(model: VLA, **changes: object) -> VLA:
+    """A VLA built from `model`'s config with the head options `changes` (what the policy decodes, not
+    an optimization: the reasoning budget, the trajectory mode), holding `model`'s weight tensors."""
+    config = dataclasses.replace(model.config, head=dataclasses.replace(model.config.head, **changes))
+    variant = VLA(config).to(model.device).eval()
+    variant.load_state_dict(model.state_dict(), assign=True)  # the same tensors, not a copy
+    return variant
+
+
+def mode_models(model: VLA, modes: list[Mode]) -> dict[str, VLA]:
+    """Per mode, a model on `model`'s weights: the head options of its trajectory and reasoning budget,
+    then its flow steps applied as a recipe (`vlaopt.apply`)."""
+    out: dict[str, VLA] = {}
+    for trajectory, reasoning in dict.fromkeys((m.trajectory, m.reasoning) for m in modes):
+        base = with_head(model, trajectory=trajectory, reasoning_tokens=reasoning)
+        group = [m for m in modes if (m.trajectory, m.reasoning) == (trajectory, reasoning)]
+        variants, _ = apply_each(base, {m.name: m.recipe for m in group}, share_weights=True, progress=False)
+        out.update(variants)
+    return {m.name: out[m.name] for m in modes}
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/expert.json")
     parser.add_argument("--hidden", type=int, default=512, help="LM width")
@@ -87,44 +104,31 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
 
     model = bench_model(args)
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (args.batch, 2, 224, 224, 3), dtype=np.uint8)
-    proprio = rng.standard_normal((args.batch, 8)).astype(np.float32)
-    instructions = ["put the bowl on the plate and push the block to the goal"] * args.batch
+    images, instructions, proprio = bench_inputs(model.config, args.batch)
     modes = [Mode(s, r) for r in (0, args.reasoning) for s in (1, 2, 4, 5, 10, 0)]
+    models = mode_models(model, modes)
 
     tokens = {}
     for mode in modes:  # what each mode decodes (an untrained LM may emit STOP before the budget)
-        mode.set_on(model)
-        out = rollout(model, images, instructions, proprio)
+        out = rollout(models[mode.name], images, instructions, proprio)
         tokens[mode.name] = {
             "reasoning": int(out.reasoning.shape[1]),
             "trajectory": 0 if mode.steps else args.chunk * args.action_dim,
             "expert_passes": mode.steps,
         }
-    samples: dict[str, dict[str, list[float]]] = {m.name: {} for m in modes}
-    for round_ in track(range(args.warmup + args.repeats), description="interleaved rounds", console=console):
-        for mode in modes[round_ % len(modes):] + modes[: round_ % len(modes)]:  # rotate the order
-            mode.set_on(model)
-            timer = StageTimer(model.device)
-            t0 = time.perf_counter()
-            model.predict_action(images, instructions, proprio, timer=timer)
-            if timer.cuda:
-                torch.cuda.synchronize(model.device)
-            total = time.perf_counter() - t0
-            if round_ < args.warmup:
-                continue
-            for stage, sec in {**timer.result(), "total": total}.items():
-                samples[mode.name].setdefault(stage, []).append(sec * 1000)
+    calls = {name: (lambda timer, m=m: m.predict_action(images, instructions, proprio, timer=timer))
+             for name, m in models.items()}
+    samples = time_interleaved(calls, args.repeats, args.warmup, model.device, rotate=True,
+                               description="interleaved rounds")
 
     results = {
-        name: {stage: round(statistics.median(v), 3) for stage, v in stages.items()} for name, stages in samples.items()
+        name: {stage: round(stats.median_ms, 3) for stage, stats in summarize(s).items()} for name, s in samples.items()
     }
     flow10, ar = results["flow10"]["total"], results["autoregressive"]["total"]
     flow5_r = results[f"flow5+reason{args.reasoning}"]["total"]
@@ -141,11 +145,7 @@ def main() -> None:
     report = {
         "benchmark": "expert",
         "date": date.today().isoformat(),
-        "machine": {
-            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "device": str(model.device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
-        },
+        "machine": machine_info(model.device),
         "setting": {
             "lm": {"family": "llama", "hidden": args.hidden, "layers": args.layers},
             "expert_width": args.expert_width, "cameras": 2, "visual_tokens": model.config.num_visual_tokens,
@@ -171,7 +171,8 @@ def main() -> None:
     for name, value in ratios.items():
         console.print(f"{name}: {value}")
     console.print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
