@@ -15,7 +15,6 @@ initial states, for a success column.
 from __future__ import annotations
 
 import copy
-import platform
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,11 +22,10 @@ from datetime import date
 from typing import Any
 
 import torch
-from rich.progress import track
 
 from vlaopt.bench.flops import FlopRecorder
-from vlaopt.bench.machine import matmul_throughput
-from vlaopt.bench.stages import summarize, time_once
+from vlaopt.bench.machine import machine_info, matmul_throughput
+from vlaopt.bench.stages import summarize, time_interleaved
 from vlaopt.model.checkpoint import weight_size
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
@@ -190,18 +188,17 @@ def _prepare(model: Any, recipes: dict[str, list[dict[str, Any]]], run: _Run, wa
 def _time_rounds(models: dict[str, Any], run: _Run, repeats: int,
                  failures: dict[str, RecipeFailure]) -> dict[str, list[dict[str, float]]]:
     """Per-stage seconds of `repeats` interleaved rounds (one `predict_action` per recipe each); a
-    recipe that fails leaves the rounds and lands in `failures`."""
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in models}
-    rounds = track(range(repeats), description="timing rounds") if run.progress else range(repeats)
-    for _ in rounds:
-        for name, m in models.items():
-            if name in failures:
-                continue
-            try:
-                with _attempt(name, "timing"):
-                    samples[name].append(time_once(m, run.batch.images, run.batch.instructions, run.batch.proprio))
-            except RecipeFailure as failure:
-                failures[name] = failure
+    recipe that fails leaves the rounds and lands in `failures` (the baseline's failure raises)."""
+    calls = {name: (lambda timer, m=m: run.predict(m, timer)) for name, m in models.items()}
+    errors: dict[str, Exception] = {}
+    device = next(iter(models.values())).device
+    samples = time_interleaved(calls, repeats, device=device, progress=run.progress, failures=errors)
+    for name, error in errors.items():
+        try:
+            with _attempt(name, "timing"):
+                raise error
+        except RecipeFailure as failure:
+            failures[name] = failure
     return samples
 
 
@@ -276,9 +273,7 @@ def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Observ
     return {
         "date": date.today().isoformat(),
         "complete": False,
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "matmul_gflops": peak / 1e9},
+        "machine": {**machine_info(device, peak=False), "matmul_gflops": peak / 1e9},
         "settings": {"batch": cfg.batch, "repeats": cfg.repeats, "warmup": cfg.warmup,
                      "quality_inputs": "heldout demonstrations" if heldout is not None else "timing inputs (random)",
                      "quality_samples": len(quality),

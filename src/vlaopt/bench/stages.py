@@ -84,11 +84,13 @@ def time_once(model: Any, images: Any, instructions: list[str], proprio: Any = N
 def time_interleaved(
     calls: dict[str, Callable[[StageTimer], Any]], repeats: int, warmup: int = 0, device: torch.device | str = "cpu",
     *, thread_cpu: bool = False, rotate: bool = False, progress: bool = True, description: str = "timing rounds",
+    failures: dict[str, Exception] | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """Per name, `repeats` `time_call` samples of `calls[name]`, from rounds that call each once, after
     `warmup` rounds whose samples are dropped: machine drift hits every call alike, and a ratio taken
     within a round (`paired_ratio`) cancels it. `rotate` starts each round one call later, so no call
-    always runs first or right after the same other one. Progress goes to stderr."""
+    always runs first or right after the same other one. Progress goes to stderr. With a `failures`
+    dict, a call that raises is recorded there and left out of the later rounds (else it raises)."""
     if repeats < 1:
         raise ValueError(f"repeats={repeats} must be at least 1")
     names = list(calls)
@@ -97,7 +99,15 @@ def time_interleaved(
     for rnd in track(rounds, description=description, console=Console(stderr=True)) if progress else rounds:
         start = rnd % len(names) if rotate else 0
         for name in names[start:] + names[:start]:
-            sample = time_call(calls[name], device, thread_cpu)
+            if failures is not None and name in failures:
+                continue
+            try:
+                sample = time_call(calls[name], device, thread_cpu)
+            except Exception as error:
+                if failures is None:
+                    raise
+                failures[name] = error
+                continue
             if rnd >= warmup:
                 samples[name].append(sample)
     return samples
