@@ -14,7 +14,7 @@ from rich.console import Console
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench import harness
 from vlaopt.bench.flops import FlopRecorder, analytic_lm_flops
-from vlaopt.bench.harness import STAGES, BenchConfig, Observations, random_observations, run_bench
+from vlaopt.bench.harness import STAGES, BenchConfig, Demonstrations, random_observations, run_bench
 from vlaopt.bench.heldout import HELDOUT_FILE, save_npz
 from vlaopt.bench.plots import pareto_figure, pareto_front, stages_figure
 from vlaopt.bench.recipes import DEFAULT_RECIPES, recipes_from_files
@@ -33,11 +33,13 @@ def test_stage_times_add_up_to_the_end_to_end_time(head):
     for _ in range(3):
         time_once(model, images, instructions, proprio)
     runs = [time_once(model, images, instructions, proprio) for _ in range(15)]
-    parts = statistics.median(sum(r.get(s, 0.0) for s in STAGES) for r in runs)
-    total = statistics.median(r["total"] for r in runs)
     stages = ("prefix", "flow") if head == "expert" else ("lm", "head")
     assert {"inputs", "vision", "projector", *stages, "lm.prune", "total"} == set(runs[0])
-    assert abs(parts - total) <= 0.10 * total
+    # within each call the stages nest inside the end-to-end time, and leave under 10% of it untimed
+    # (a per-call ratio: a busy moment of a shared machine stretches the stages and the total alike)
+    shares = [sum(r.get(s, 0.0) for s in STAGES) / r["total"] for r in runs]
+    assert max(shares) <= 1.0
+    assert statistics.median(shares) >= 0.90
 
 
 @pytest.mark.parametrize("lm", ["llama", "qwen3"])

@@ -27,6 +27,7 @@ from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import machine_info, matmul_throughput
 from vlaopt.bench.stages import summarize, time_interleaved
 from vlaopt.model.checkpoint import weight_size
+from vlaopt.model.processor import Observation
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
 
@@ -54,51 +55,34 @@ class BenchConfig:
 
 
 @dataclass
-class Observations:
-    """A batch of model inputs, with demonstrated action chunks when they come from demonstrations."""
+class Demonstrations(Observation):
+    """Demonstrations (torch tensors) with the demonstrated action chunks (B, chunk, action_dim) when
+    they come from demonstrations (None for synthetic timing inputs)."""
 
-    images: torch.Tensor
-    instructions: list[str]
-    proprio: torch.Tensor | None
     actions: torch.Tensor | None = None
 
-    def take(self, idx: slice) -> Observations:
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return Observations(self.images[idx], self.instructions[idx], pick(self.proprio), pick(self.actions))
-
-    def spread(self, n: int) -> Observations:
+    def spread(self, n: int) -> Demonstrations:
         """`n` samples spread evenly over these (all when there are at most `n`), so a smaller set
         still covers every episode the full one does."""
         if n >= len(self):
             return self
-        idx = torch.linspace(0, len(self) - 1, n).round().long()
-        pick = lambda x: None if x is None else x[idx]  # noqa: E731
-        return Observations(self.images[idx], [self.instructions[i] for i in idx.tolist()],
-                            pick(self.proprio), pick(self.actions))
-
-    def __len__(self) -> int:
-        return len(self.instructions)
-
-    def batches(self, size: int) -> list[tuple[Any, list[str], Any]]:
-        """`(images, instructions, proprio)` batches, the form `vlaopt.apply` calibrates on."""
-        parts = (self.take(slice(i, i + size)) for i in range(0, len(self), size))
-        return [(p.images, p.instructions, p.proprio) for p in parts]
+        return self.take(torch.linspace(0, len(self) - 1, n).round().long())
 
 
-def random_observations(config: Any, n: int, seed: int = 0) -> Observations:
+def random_observations(config: Any, n: int, seed: int = 0) -> Demonstrations:
     """Synthetic inputs of the right shapes (timing only: no demonstrated actions), one batch of `n`."""
     images, instructions, proprio = calibration.random_observations(config, n, batch_size=n, seed=seed)[0]
-    return Observations(torch.from_numpy(images), list(instructions),
-                        None if proprio is None else torch.from_numpy(proprio))
+    return Demonstrations(torch.from_numpy(images), list(instructions),
+                          None if proprio is None else torch.from_numpy(proprio))
 
 
-def _predict_all(model: Any, obs: Observations, batch: int = 16) -> torch.Tensor:
+def _predict_all(model: Any, obs: Demonstrations, batch: int = 16) -> torch.Tensor:
     out = [model.predict_action(part.images, part.instructions, part.proprio, seed=0)
            for part in (obs.take(slice(i, i + batch)) for i in range(0, len(obs), batch))]
     return torch.cat(out)
 
 
-def _visual_tokens(model: Any, obs: Observations) -> tuple[int, float]:
+def _visual_tokens(model: Any, obs: Demonstrations) -> tuple[int, float]:
     """Visual tokens entering the LM and (mean over the batch) leaving its last layer."""
     with torch.inference_mode():
         state = model.lm_input(obs.images, obs.instructions, obs.proprio)
@@ -156,8 +140,8 @@ def _threads(n: int) -> Iterator[None]:
 class _Run:
     """What every recipe's measurement shares: the timing batch, the quality inputs, the device's peak."""
 
-    batch: Observations
-    quality: Observations
+    batch: Demonstrations
+    quality: Demonstrations
     peak: float
     success: tuple[Sequence[str], Any] | None
     progress: bool
@@ -267,7 +251,7 @@ def _failed_row(name: str, recipe: list[dict[str, Any]], failure: RecipeFailure)
     return {"recipe": name, "steps": recipe, "error": str(failure), "failed_during": failure.phase}
 
 
-def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Observations | None, quality: Observations,
+def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Demonstrations | None, quality: Demonstrations,
             success: tuple[Sequence[str], Any] | None, settings: dict[str, Any] | None) -> dict[str, Any]:
     """The result before any row: date, machine (with the thread count timing runs on), settings."""
     return {
@@ -283,8 +267,8 @@ def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Observ
     }
 
 
-def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Observations,
-              heldout: Observations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
+def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Demonstrations,
+              heldout: Demonstrations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
               progress: bool = True, settings: dict[str, Any] | None = None,
               on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Measure every recipe against `recipes["baseline"]`; returns a JSON-ready result.

@@ -9,8 +9,8 @@ network runs (an instruction too long for the LM's positions, too). The model th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -27,12 +27,43 @@ def prompt_text(instruction: str) -> str:
 
 @dataclass
 class Observation:
-    """A batch of raw observations as a robot or simulator gives them: images uint8 (B, cams, H, W, 3)
-    (numpy or torch), B instructions (or one string for a batch of one), proprio (B, P) or None."""
+    """A batch of raw observations, the one observation type of vla-opt: images uint8 (B, cams, H, W, 3)
+    (numpy or torch), B instructions, proprio (B, P) or None. It unpacks as `(images, instructions,
+    proprio)`, so `model.predict_action(*obs)` works, and a 3-tuple converts with `Observation.of`."""
 
     images: Any
-    instructions: Sequence[str] | str
+    instructions: list[str]
     proprio: Any = None
+
+    @classmethod
+    def of(cls, value: Observation | tuple[Any, Sequence[str] | str, Any], where: str = "observation") -> Observation:
+        """An Observation from itself or an `(images, instructions, proprio)` tuple (one error otherwise)."""
+        if isinstance(value, Observation):
+            return value
+        if not isinstance(value, tuple) or len(value) != 3:
+            raise ValueError(f"{where} is a {type(value).__name__}; expected an Observation or a tuple "
+                             "(images (B, cams, H, W, 3) uint8, instructions (B strings), proprio (B, P) or None)")
+        images, instructions, proprio = value
+        return cls(images, [instructions] if isinstance(instructions, str) else list(instructions), proprio)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.images, self.instructions, self.proprio))
+
+    def __len__(self) -> int:
+        return len(self.instructions)
+
+    def take(self, idx: slice | torch.Tensor) -> Observation:
+        """The samples at `idx` (a slice, or an index tensor), of every field (subclass fields too)."""
+        def pick(value: Any) -> Any:
+            if value is None or isinstance(idx, slice):
+                return None if value is None else value[idx]
+            return [value[i] for i in idx.tolist()] if isinstance(value, list) else value[idx]
+
+        return replace(self, **{f.name: pick(getattr(self, f.name)) for f in fields(self)})
+
+    def batches(self, size: int) -> list[Observation]:
+        """Consecutive batches of at most `size` samples."""
+        return [self.take(slice(i, i + size)) for i in range(0, len(self), size)]
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Calibration: real VLA inputs run through our own layer loop, to give data-driven methods the inputs
 each decoder layer actually sees.
 
-Observations are batches `(images uint8 (B, cams, H, W, 3), instructions (B strings), proprio (B, P) or
-None)`. A recipe step names where they come from in `calibration: {samples, source, ...}`:
+Observations are batches (`vlaopt.model.processor.Observation`, or `(images uint8 (B, cams, H, W, 3),
+instructions (B strings), proprio (B, P) or None)` tuples). A recipe step names where they come from in `calibration: {samples, source, ...}`:
 `given` (the observations passed as `apply(model, recipe, calibration=...)`), `episodes` (frames drawn
 from a collection written by `vla-opt collect`, at `path`), or `random` (synthetic observations, used
 only when asked for by name). `walk_layers` then steps the encoded token states through the model's
@@ -12,7 +12,7 @@ method may change layer i before layer i + 1 sees its output (sequential calibra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +24,9 @@ from torch import nn
 from vlaopt.config import VLAConfig
 from vlaopt.model.language import LayerInput, LayerLoop
 from vlaopt.model.layout import TokenState
+from vlaopt.model.processor import Observation
 from vlaopt.optimize.recipe import RecipeStep, make_config
 
-Observation = tuple[Any, Sequence[str], Any]
 SOURCES = ("given", "episodes", "random")
 RANDOM_INSTRUCTIONS = (
     "pick up the red cup",
@@ -73,7 +73,7 @@ def random_observations(config: VLAConfig, samples: int, batch_size: int = 8, se
         images = rng.integers(0, 256, (b, config.cameras, size, size, 3), dtype=np.uint8)
         instructions = [RANDOM_INSTRUCTIONS[(start + i) % len(RANDOM_INSTRUCTIONS)] for i in range(b)]
         proprio = rng.standard_normal((b, config.proprio_dim)).astype(np.float32) if config.proprio_dim else None
-        out.append((images, instructions, proprio))
+        out.append(Observation(images, instructions, proprio))
     return out
 
 
@@ -94,26 +94,20 @@ def episode_observations(path: str | Path, samples: int, batch_size: int = 8, se
         part = chosen[start : start + batch_size]
         images = np.stack([e.images[t] for e, t in part])
         proprio = np.stack([e.proprio[t] for e, t in part])
-        out.append((images, [e.instruction for e, _ in part], proprio))
+        out.append(Observation(images, [e.instruction for e, _ in part], proprio))
     return out
 
 
-def take_samples(observations: Iterable[Observation], samples: int) -> list[Observation]:
-    """The first `samples` samples of `observations` (the last batch cut short if needed)."""
+def take_samples(observations: Iterable[Observation | tuple[Any, Any, Any]], samples: int) -> list[Observation]:
+    """The first `samples` samples of `observations` (Observations or `(images, instructions, proprio)`
+    tuples; the last batch cut short if needed)."""
     out: list[Observation] = []
     count = 0
-    for i, obs in enumerate(observations):
-        if not isinstance(obs, tuple) or len(obs) != 3:
-            raise ValueError(
-                f"calibration observation {i} is a {type(obs).__name__}; expected a tuple "
-                "(images (B, cams, H, W, 3) uint8, instructions (B strings), proprio (B, P) or None)"
-            )
-        images, instructions, proprio = obs
-        if isinstance(instructions, str):
-            instructions = [instructions]
-        b = min(len(images), samples - count)
-        out.append((images[:b], list(instructions)[:b], None if proprio is None else proprio[:b]))
-        count += b
+    for i, value in enumerate(observations):
+        obs = Observation.of(value, f"calibration observation {i}")
+        part = obs.take(slice(0, min(len(obs), samples - count)))
+        out.append(part)
+        count += len(part)
         if count == samples:
             return out
     raise ValueError(
@@ -123,7 +117,7 @@ def take_samples(observations: Iterable[Observation], samples: int) -> list[Obse
 
 
 def calibration_observations(
-    cfg: CalibrationConfig, model: Any, given: Iterable[Observation] | None, where: str
+    cfg: CalibrationConfig, model: Any, given: Iterable[Observation | tuple[Any, Any, Any]] | None, where: str
 ) -> list[Observation]:
     """The observations a step calibrates on, from the source `cfg` names (`where` names the step in errors)."""
     if cfg.source == "random":
@@ -139,13 +133,11 @@ def calibration_observations(
     return take_samples(given, cfg.samples)
 
 
-def encode_observations(model: Any, observations: Iterable[Observation]) -> list[TokenState]:
+def encode_observations(model: Any, observations: Iterable[Observation | tuple[Any, Any, Any]]) -> list[TokenState]:
     """The LM input token state of each observation batch (inputs checked as `predict_action` checks them)."""
-    states = []
     with torch.no_grad():
-        for images, instructions, proprio in observations:
-            states.append(model.lm_input(images, instructions, proprio))
-    return states
+        return [model.lm_input(*Observation.of(obs, f"calibration observation {i}"))
+                for i, obs in enumerate(observations)]
 
 
 def walk_layers(lm: Any, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:

@@ -1,8 +1,9 @@
 """A MetaWorld task with a seeded initial state and fast offscreen camera images.
 
-Observations are what a VLA sees: camera images (uint8, (n_cams, H, W, 3)) and proprio (hand xyz and
-gripper opening). The full MetaWorld state, which includes object and goal positions, stays available
-as `SimEnv.state` for scripted experts only.
+A `Frame` is what a VLA sees of the env at one step: camera images (uint8, (n_cams, H, W, 3)) and
+proprio (hand xyz and gripper opening); with the task instruction, a batch of frames makes a model
+`Observation`. The full MetaWorld state, which includes object and goal positions, stays available
+as `SimEnv.state` for scripted policies only.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ PROPRIO_DIM = 4
 ACTION_DIM = 4
 
 
-class Observation(TypedDict):
-    """What the policy sees at one step."""
+class Frame(TypedDict):
+    """What the policy sees of the env at one step (one sample of a `vlaopt.model.processor.Observation`)."""
 
     images: np.ndarray  # uint8 (n_cams, H, W, 3)
     proprio: np.ndarray  # float32 (4,): hand x, y, z in metres, gripper opening in [0, 1]
@@ -136,7 +137,7 @@ class SimEnv:
             raise RuntimeError("call reset() before reading the state")
         return self._state
 
-    def reset(self, seed: int | None = None) -> Observation:
+    def reset(self, seed: int | None = None) -> Frame:
         """Return to the initial state of `seed` (default: the current seed) and observe it."""
         if seed is not None and seed != self.seed:
             self._set_initial_state(seed)
@@ -144,7 +145,7 @@ class SimEnv:
         self.steps = 0
         return self._observe()
 
-    def step(self, action: np.ndarray) -> tuple[Observation, bool, bool]:
+    def step(self, action: np.ndarray) -> tuple[Frame, bool, bool]:
         """Apply a (4,) action (xyz hand motion and gripper effort, each clipped to [-1, 1])."""
         if self.steps is None:
             raise RuntimeError("call reset() before step()")
@@ -158,13 +159,13 @@ class SimEnv:
         success = bool(info["success"])
         return self._observe(), success, success or self.steps >= self.max_steps
 
-    def _observe(self) -> Observation:
+    def _observe(self) -> Frame:
         images = np.empty((len(self.cameras), self.image_size, self.image_size, 3), dtype=np.uint8)
         for i, camera in enumerate(self.cameras):
             self._renderer.update_scene(self._env.data, camera=camera)
             frame = self._renderer.render()
             images[i] = frame[::-1, ::-1] if camera.startswith("corner") else frame  # corners hang upside down
-        return Observation(images=images, proprio=self._state[:PROPRIO_DIM].astype(np.float32))
+        return Frame(images=images, proprio=self._state[:PROPRIO_DIM].astype(np.float32))
 
     def close(self) -> None:
         """Free the OpenGL context and the MetaWorld env; safe to call twice."""
