@@ -28,7 +28,7 @@ from rich.table import Table
 
 from vlaopt import VLA
 from vlaopt.bench.machine import machine_info
-from vlaopt.bench.models import apply_each, bench_config, bench_inputs, lm_config, llama_shape
+from vlaopt.bench.models import apply_each, bench_config, bench_inputs, llama_shape, lm_config
 from vlaopt.bench.stages import summarize, time_interleaved
 from vlaopt.config import head_config
 from vlaopt.model.expert_policy import rollout

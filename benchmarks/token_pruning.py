@@ -23,7 +23,7 @@ from rich.table import Table
 from vlaopt import VLA
 from vlaopt.bench.flops import count_flops
 from vlaopt.bench.machine import machine_info
-from vlaopt.bench.models import apply_each, bench_config, bench_inputs, lm_config, llama_shape
+from vlaopt.bench.models import apply_each, bench_config, bench_inputs, llama_shape, lm_config
 from vlaopt.bench.stages import paired_ratio, summarize, time_interleaved
 from vlaopt.config import head_config
 from vlaopt.model.layout import TokenState

@@ -8,13 +8,12 @@ import statistics
 import pytest
 import torch
 from conftest import observations
-
 from rich.console import Console
 
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench import harness
 from vlaopt.bench.flops import FlopRecorder, analytic_lm_flops
-from vlaopt.bench.harness import STAGES, BenchConfig, Demonstrations, random_observations, run_bench
+from vlaopt.bench.harness import STAGES, BenchConfig, random_observations, run_bench
 from vlaopt.bench.heldout import HELDOUT_FILE, save_npz
 from vlaopt.bench.plots import pareto_figure, pareto_front, stages_figure
 from vlaopt.bench.recipes import DEFAULT_RECIPES, recipes_from_files

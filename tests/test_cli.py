@@ -74,7 +74,7 @@ def test_collect_then_train_from_the_command_line(tmp_path, capsys):
 def test_a_user_error_is_one_line_and_exit_status_2(tmp_path, capsys):
     assert main(["optimize", "--model", str(tmp_path / "nowhere"), "--recipe", "r.yaml", "--out", "o"]) == 2
     err = capsys.readouterr().err
-    assert err == f"vla-opt: error: recipe file r.yaml does not exist\n"
+    assert err == "vla-opt: error: recipe file r.yaml does not exist\n"
     assert "Traceback" not in err
     with pytest.raises(FileNotFoundError, match="recipe file r.yaml does not exist"):
         main(["--debug", "optimize", "--model", str(tmp_path / "nowhere"), "--recipe", "r.yaml", "--out", "o"])

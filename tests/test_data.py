@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from vlaopt.data import episodes as episodes_module
+from vlaopt.cli import main
 from vlaopt.data import collect as collect_module
+from vlaopt.data import episodes as episodes_module
 from vlaopt.data.collect import (
     LOCK_NAME,
     POST_SUCCESS_STEPS,
@@ -31,7 +32,6 @@ from vlaopt.data.collect import (
 from vlaopt.data.dataset import EpisodeDataset, compute_stats
 from vlaopt.data.episodes import INDEX_NAME, EpisodeFormatError, read_episode, read_index, write_episode, write_index
 from vlaopt.sim.env import SimEnv
-from vlaopt.cli import main
 from vlaopt.sim.scripted import ScriptedPolicy
 
 TASK = "reach-v3"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import observations
 
-from vlaopt import LMConfig, VLA, VLAConfig, load
+from vlaopt import VLA, LMConfig, VLAConfig, load
 
 FAMILIES = ["llama", "qwen2", "qwen3"]
 HEADS = ["l1", "discrete", "diffusion", "flow"]
@@ -147,8 +147,8 @@ def test_bidirectional_action_slots_change_actions():
 
 
 def test_lm_from_local_hf_directory_uses_its_weights_and_tokenizer(tmp_path):
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     hf = AutoModelForCausalLM.from_config(
         AutoConfig.for_model(

@@ -4,7 +4,6 @@ files are named with their line."""
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 import torch

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 from conftest import observations
+from transformers import AutoModelForCausalLM
 
 from vlaopt import VLA, VLAConfig, apply, load, load_recipe
 from vlaopt.model.policy import action_hidden

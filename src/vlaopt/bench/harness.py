@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from vlaopt.model.checkpoint import weight_size
 from vlaopt.model.processor import Observation
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 # Stages in pipeline order: OFT-style heads run "lm" then "head"; expert heads run the VLM as a cached
 # "prefix", optionally decode "reasoning", then "flow" steps (or an autoregressive "trajectory").
@@ -76,13 +79,13 @@ def random_observations(config: Any, n: int, seed: int = 0) -> Demonstrations:
                           None if proprio is None else torch.from_numpy(proprio))
 
 
-def _predict_all(model: Any, obs: Demonstrations, batch: int = 16) -> torch.Tensor:
+def _predict_all(model: VLA, obs: Demonstrations, batch: int = 16) -> torch.Tensor:
     out = [model.predict_action(part.images, part.instructions, part.proprio, seed=0)
            for part in (obs.take(slice(i, i + batch)) for i in range(0, len(obs), batch))]
     return torch.cat(out)
 
 
-def _visual_tokens(model: Any, obs: Demonstrations) -> tuple[int, float]:
+def _visual_tokens(model: VLA, obs: Demonstrations) -> tuple[int, float]:
     """Visual tokens entering the LM and (mean over the batch) leaving its last layer."""
     with torch.inference_mode():
         state = model.lm_input(obs.images, obs.instructions, obs.proprio)
@@ -91,7 +94,7 @@ def _visual_tokens(model: Any, obs: Demonstrations) -> tuple[int, float]:
     return state.layout.visual, kept
 
 
-def closed_loop_success(model: Any, tasks: Sequence[str], eval_cfg: Any, progress: bool = True) -> dict[str, Any]:
+def closed_loop_success(model: VLA, tasks: Sequence[str], eval_cfg: Any, progress: bool = True) -> dict[str, Any]:
     """Overall and per-task closed-loop success of `model` with Wilson 95% intervals (`vlaopt.eval`),
     over the episodes that ran; `failed` counts those that failed to run (`failures` says why)."""
     from vlaopt.eval.closed_loop import evaluate
@@ -146,11 +149,11 @@ class _Run:
     success: tuple[Sequence[str], Any] | None
     progress: bool
 
-    def predict(self, model: Any, timer: Any = None) -> torch.Tensor:
+    def predict(self, model: VLA, timer: Any = None) -> torch.Tensor:
         return model.predict_action(self.batch.images, self.batch.instructions, self.batch.proprio, timer=timer)
 
 
-def _prepare(model: Any, recipes: dict[str, list[dict[str, Any]]], run: _Run, warmup: int,
+def _prepare(model: VLA, recipes: dict[str, list[dict[str, Any]]], run: _Run, warmup: int,
              failures: dict[str, RecipeFailure]) -> dict[str, Any]:
     """Each recipe applied to its own copy of `model` (data-driven steps calibrate on the quality
     inputs) and warmed up; a recipe that fails lands in `failures` instead."""
@@ -267,7 +270,7 @@ def _header(device: torch.device, peak: float, cfg: BenchConfig, heldout: Demons
     }
 
 
-def run_bench(model: Any, recipes: dict[str, list[dict[str, Any]]], timing: Demonstrations,
+def run_bench(model: VLA, recipes: dict[str, list[dict[str, Any]]], timing: Demonstrations,
               heldout: Demonstrations | None, cfg: BenchConfig, success: tuple[Sequence[str], Any] | None = None,
               progress: bool = True, settings: dict[str, Any] | None = None,
               on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:

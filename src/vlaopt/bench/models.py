@@ -13,8 +13,7 @@ from rich.console import Console
 from rich.progress import track
 
 from vlaopt.bench.stages import time_call
-from vlaopt.config import HeadConfig, LMConfig, VisionConfig, VLAConfig
-from vlaopt.model.tokenizer import BUILTIN_VOCAB_SIZE
+from vlaopt.config import BUILTIN_VOCAB_SIZE, HeadConfig, LMConfig, VisionConfig, VLAConfig
 from vlaopt.model.vla import VLA
 from vlaopt.optimize import apply
 

@@ -10,13 +10,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import track
 
 from vlaopt.bench.timer import StageTimer
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 CPU = ":cpu"
 """Suffix of a stage's name for the calling thread's CPU seconds in it (`time_call(..., thread_cpu=True)`)."""
@@ -76,7 +79,7 @@ def time_call(fn: Callable[[StageTimer], Any], device: torch.device | str = "cpu
     return {**timer.result(), "total": total, **({"total" + CPU: cpu} if thread_cpu else {})}
 
 
-def time_once(model: Any, images: Any, instructions: list[str], proprio: Any = None) -> dict[str, float]:
+def time_once(model: VLA, images: Any, instructions: list[str], proprio: Any = None) -> dict[str, float]:
     """Seconds per stage of one `model.predict_action`, plus the end-to-end `total`."""
     return time_call(lambda timer: model.predict_action(images, instructions, proprio, timer=timer), model.device)
 
@@ -128,7 +131,7 @@ def summarize(samples: list[dict[str, float]]) -> dict[str, StageStats]:
 
 
 def time_stages(
-    model: Any, images: Any, instructions: list[str], proprio: Any = None, repeats: int = 20, warmup: int = 3
+    model: VLA, images: Any, instructions: list[str], proprio: Any = None, repeats: int = 20, warmup: int = 3
 ) -> dict[str, StageStats]:
     """Per-stage and end-to-end (`total`) timing of `model.predict_action` on fixed inputs."""
     if repeats < 1:

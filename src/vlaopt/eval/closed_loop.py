@@ -24,22 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlaopt.eval.rollout import (
-    EpisodeResult,
-    RolloutConfig,
-    env_cameras,
-    eval_seed,
-    run_episode,
-)
+from vlaopt.eval.rollout import EpisodeResult, RolloutConfig, env_cameras, eval_seed, run_episode
 from vlaopt.model.vla import VLA
 from vlaopt.optimize import load
 from vlaopt.sim.env import DEFAULT_MAX_STEPS, SimEnv

@@ -10,9 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlaopt.data.dataset import EpisodeDataset, Split
+from vlaopt.data.dataset import EpisodeDataset, Split, collate
 from vlaopt.model.vla import VLA
-from vlaopt.data.dataset import collate
 
 
 @dataclass

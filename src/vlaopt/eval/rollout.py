@@ -14,13 +14,7 @@ import numpy as np
 
 from vlaopt.config import VLAConfig
 from vlaopt.model.vla import VLA
-from vlaopt.sim.env import (
-    ACTION_DIM,
-    DEFAULT_CAMERAS,
-    DEFAULT_MAX_STEPS,
-    PROPRIO_DIM,
-    SimEnv,
-)
+from vlaopt.sim.env import ACTION_DIM, DEFAULT_CAMERAS, DEFAULT_MAX_STEPS, PROPRIO_DIM, SimEnv
 from vlaopt.utils.seeds import derive_seed
 
 EVAL_DOMAIN = 0x6576616C  # "eval": keeps evaluation states apart from the collection states of the same seed

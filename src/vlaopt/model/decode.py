@@ -9,12 +9,7 @@ sample that has stopped appends an invalid (masked) slot, so a batch gives each 
 from __future__ import annotations
 
 import torch
-from transformers import (
-    LogitsProcessorList,
-    SuppressTokensLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.language import LanguageModel, LayerLoop

@@ -20,13 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from vlaopt.model.decode import (
-    decode_action_bins,
-    generate_text,
-    last_token_logits,
-    next_positions,
-    text_processors,
-)
+from vlaopt.model.decode import decode_action_bins, generate_text, last_token_logits, next_positions, text_processors
 from vlaopt.model.heads.discrete import bin_centers
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState

@@ -28,7 +28,6 @@ from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
 from vlaopt.utils.timer import NULL_TIMER, Timer
 
-
 ATTENTION = "vlaopt_sdpa"
 
 

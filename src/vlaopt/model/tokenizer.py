@@ -12,8 +12,6 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from vlaopt.config import BUILTIN_VOCAB_SIZE
-
 SPECIALS = ("<pad>", "<s>", "</s>")
 ACTION_BINS = 256
 

@@ -24,9 +24,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from vlaopt.config import VLAConfig
-from vlaopt.model.checkpoint import (CheckpointError, load_weights, non_finite_entry, read_stats, replace_files,
-                                     save_weights, verify_manifest)
 from vlaopt.model import expert_policy  # noqa: F401  (registers the expert policy)
+from vlaopt.model.checkpoint import (
+    CheckpointError,
+    load_weights,
+    non_finite_entry,
+    read_stats,
+    replace_files,
+    save_weights,
+    verify_manifest,
+)
 from vlaopt.model.heads import build_head
 from vlaopt.model.language import LanguageModel, build_causal_lm
 from vlaopt.model.layout import Layout, TokenState

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,10 @@ from vlaopt.model.language import LayerInput, LayerLoop
 from vlaopt.model.layout import TokenState
 from vlaopt.model.processor import Observation
 from vlaopt.optimize.recipe import RecipeStep, make_config
+
+if TYPE_CHECKING:
+    from vlaopt.model.language import LanguageModel
+    from vlaopt.model.vla import VLA
 
 SOURCES = ("given", "episodes", "random")
 RANDOM_INSTRUCTIONS = (
@@ -117,7 +121,7 @@ def take_samples(observations: Iterable[Observation | tuple[Any, Any, Any]], sam
 
 
 def calibration_observations(
-    cfg: CalibrationConfig, model: Any, given: Iterable[Observation | tuple[Any, Any, Any]] | None, where: str
+    cfg: CalibrationConfig, model: VLA, given: Iterable[Observation | tuple[Any, Any, Any]] | None, where: str
 ) -> list[Observation]:
     """The observations a step calibrates on, from the source `cfg` names (`where` names the step in errors)."""
     if cfg.source == "random":
@@ -133,14 +137,14 @@ def calibration_observations(
     return take_samples(given, cfg.samples)
 
 
-def encode_observations(model: Any, observations: Iterable[Observation | tuple[Any, Any, Any]]) -> list[TokenState]:
+def encode_observations(model: VLA, observations: Iterable[Observation | tuple[Any, Any, Any]]) -> list[TokenState]:
     """The LM input token state of each observation batch (inputs checked as `predict_action` checks them)."""
     with torch.no_grad():
         return [model.lm_input(*Observation.of(obs, f"calibration observation {i}"))
                 for i, obs in enumerate(observations)]
 
 
-def walk_layers(lm: Any, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:
+def walk_layers(lm: LanguageModel, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:
     """Yield `(i, layer, inputs)` for each decoder layer in order: the input of every calibration
     batch as the model's `LayerLoop` feeds it (token-pruning hooks applied). When the consumer
     resumes the walk, every input is run through the layer as it is then, so changes made to layer i
@@ -158,7 +162,7 @@ class CalibratedStep(RecipeStep):
     `apply(model, recipe, calibration=...)` from `self.calibration` (set by `RecipeStep.__init__`)."""
 
     def calibrated_states(
-        self, model: Any, params: dict[str, Any] | None, needs_data: bool, where: str, resolved: dict[str, Any]
+        self, model: VLA, params: dict[str, Any] | None, needs_data: bool, where: str, resolved: dict[str, Any]
     ) -> list[TokenState] | None:
         """The encoded calibration states a data-driven method runs on (the `calibration` mapping
         `params` resolved into `resolved["calibration"]`), or None for a data-free method, which

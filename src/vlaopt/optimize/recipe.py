@@ -14,10 +14,13 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlaopt.utils.files import read_yaml
 from vlaopt.utils.registry import Registry
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 STEPS: Registry[type[RecipeStep]] = Registry("recipe step")
 FORMAT_VERSION = 1
@@ -31,11 +34,11 @@ class RecipeStep(ABC):
         self.calibration = calibration  # observation batches for the steps that calibrate on data
 
     @abstractmethod
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         """Transform `model` in place; return the resolved parameters to record."""
 
     @abstractmethod
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         """Re-create the structure a recorded step made, on a freshly built model (no data)."""
 
 
@@ -98,7 +101,7 @@ def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any
     return recipe
 
 
-def apply(model: Any, recipe: str | Path | list[dict[str, Any]], calibration: Sequence[Any] | None = None) -> Any:
+def apply(model: VLA, recipe: str | Path | list[dict[str, Any]], calibration: Sequence[Any] | None = None) -> Any:
     """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`.
     `calibration` holds observation batches for steps that calibrate on data (`source: given`)."""
     for name, params in _entries(load_recipe(recipe)):
@@ -108,7 +111,7 @@ def apply(model: Any, recipe: str | Path | list[dict[str, Any]], calibration: Se
     return model
 
 
-def rebuild(model: Any, recipe: list[dict[str, Any]]) -> None:
+def rebuild(model: VLA, recipe: list[dict[str, Any]]) -> None:
     """Replay a recorded recipe's structure on a fresh model (`vlaopt.load` hands it to `VLA.from_pretrained`)."""
     for name, resolved in _entries(recipe):
         STEPS.get(name)().rebuild(model, _recorded(name, resolved))

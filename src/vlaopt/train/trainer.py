@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlaopt.model.checkpoint import CheckpointError, read_manifest, verify_manifest
-from vlaopt.model.vla import CONFIG_FILE, WEIGHTS_FILE, VLA
+from vlaopt.model.vla import CONFIG_FILE, VLA, WEIGHTS_FILE
 from vlaopt.train.schedules import lr_factor
 from vlaopt.utils.checks import check_positive
 from vlaopt.utils.io import atomic_write_text, fsync_path, remove_atomic_leftovers, sha256_file

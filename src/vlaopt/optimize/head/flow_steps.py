@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlaopt.config import HEAD_CONFIGS
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 
 @dataclass
@@ -32,7 +35,7 @@ class FlowStepsConfig:
 class FlowStepsStep(RecipeStep):
     """Set `head.steps` of a stepped head."""
 
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         cfg = make_config(FlowStepsConfig, params, "flow_steps")
         head = model.config.head
         stepped = [name for name in HEAD_CONFIGS.names() if "steps" in {f.name for f in dataclasses.fields(
@@ -50,5 +53,5 @@ class FlowStepsStep(RecipeStep):
         model.config.head = model.head.cfg = dataclasses.replace(head, steps=cfg.n)  # validated like any head config
         return dataclasses.asdict(cfg)
 
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         self.apply(model, resolved)

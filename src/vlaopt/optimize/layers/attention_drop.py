@@ -4,19 +4,22 @@ tokens; the most redundant sublayers are dropped and their MLPs kept."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.calibration import walk_layers
 from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod, CosineMeter
 from vlaopt.optimize.layers.remove import has_attention
 
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
+
 
 @LAYER_METHODS.register("attention_drop")
 class AttentionDrop(AttentionMethod):
     needs_data = True
 
-    def scores(self, model: Any, states: list[TokenState] | None) -> dict[int, float]:
+    def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         out = {}
         for i, layer, inputs in walk_layers(model.lm, states):
             if not has_attention(layer):

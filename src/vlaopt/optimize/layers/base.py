@@ -8,15 +8,18 @@ changes the residual stream more and is kept longer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from vlaopt.model.layout import TokenState
 from vlaopt.model.hooks import observed_attention
+from vlaopt.model.layout import TokenState
 from vlaopt.optimize.layers.remove import drop_attention, has_attention, remove_blocks
 from vlaopt.utils.registry import Registry
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 LAYER_METHODS: Registry[type[LayerMethod]] = Registry("layer pruning method")
 
@@ -28,36 +31,36 @@ class LayerMethod(ABC):
     needs_data: ClassVar[bool]
 
     @abstractmethod
-    def candidates(self, model: Any) -> list[int]:
+    def candidates(self, model: VLA) -> list[int]:
         """Indices of the decoder layers whose unit can be removed."""
 
     @abstractmethod
-    def scores(self, model: Any, states: list[TokenState] | None) -> dict[int, float]:
+    def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         """Importance of each candidate (by decoder-layer index); `states` are calibration inputs."""
 
     @abstractmethod
-    def remove(self, model: Any, indices: list[int]) -> None:
+    def remove(self, model: VLA, indices: list[int]) -> None:
         """Remove the units at `indices` (current decoder-layer numbering)."""
 
 
 class BlockMethod(LayerMethod):
     """Methods that remove whole decoder blocks."""
 
-    def candidates(self, model: Any) -> list[int]:
+    def candidates(self, model: VLA) -> list[int]:
         return list(range(len(model.lm.decoder.layers)))
 
-    def remove(self, model: Any, indices: list[int]) -> None:
+    def remove(self, model: VLA, indices: list[int]) -> None:
         remove_blocks(model, indices)
 
 
 class AttentionMethod(LayerMethod):
     """Methods that drop attention sublayers and keep their MLPs."""
 
-    def candidates(self, model: Any) -> list[int]:
+    def candidates(self, model: VLA) -> list[int]:
         in_use = observed_attention(model.lm.hooks)
         return [i for i, layer in enumerate(model.lm.decoder.layers) if has_attention(layer) and i not in in_use]
 
-    def remove(self, model: Any, indices: list[int]) -> None:
+    def remove(self, model: VLA, indices: list[int]) -> None:
         drop_attention(model, indices)
 
 

@@ -10,7 +10,7 @@ scale the rows of W_q and W_k first.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -18,6 +18,9 @@ from torch import nn
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod
 from vlaopt.optimize.quant.int8 import float_weight
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 
 def coupling_norms(attention: nn.Module) -> torch.Tensor:
@@ -39,7 +42,7 @@ def coupling_norms(attention: nn.Module) -> torch.Tensor:
 class GateNorm(AttentionMethod):
     needs_data = False
 
-    def scores(self, model: Any, states: list[TokenState] | None) -> dict[int, float]:
+    def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         layers = model.lm.decoder.layers
         with torch.no_grad():
             return {i: float(coupling_norms(layers[i].self_attn).mean()) for i in self.candidates(model)}

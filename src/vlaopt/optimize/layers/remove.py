@@ -12,11 +12,14 @@ whose attention a hook observes (FastV's layer before it, `LayerHook.observed_la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from vlaopt.model.language import LanguageModel
+    from vlaopt.model.vla import VLA
 
 
 class MLPOnlyLayer(nn.Module):
@@ -49,7 +52,7 @@ def _check_indices(indices: Sequence[int], count: int, what: str) -> list[int]:
     return out
 
 
-def renumber_attention(lm: Any) -> None:
+def renumber_attention(lm: LanguageModel) -> None:
     """Make the live HF config and the attention modules' `layer_idx` describe the remaining attention
     modules only (see the module docstring). Each `layer_idx` must index the config's `layer_types`
     as they were before this call."""
@@ -63,7 +66,7 @@ def renumber_attention(lm: Any) -> None:
     config.num_hidden_layers = len(attentions)
 
 
-def remove_blocks(model: Any, indices: Sequence[int]) -> None:
+def remove_blocks(model: VLA, indices: Sequence[int]) -> None:
     """Remove whole decoder blocks `indices` (current numbering); at least one block must remain."""
     lm = model.lm
     layers = lm.decoder.layers
@@ -90,7 +93,7 @@ def remove_blocks(model: Any, indices: Sequence[int]) -> None:
     renumber_attention(lm)
 
 
-def drop_attention(model: Any, indices: Sequence[int]) -> None:
+def drop_attention(model: VLA, indices: Sequence[int]) -> None:
     """Replace decoder layers `indices` by their MLP part (`MLPOnlyLayer`); each must still have
     attention, and none may be a layer whose attention a hook observes (the layer before FastV's)."""
     lm = model.lm

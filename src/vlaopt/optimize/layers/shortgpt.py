@@ -3,18 +3,21 @@ the valid tokens of the calibration set; the blocks that change their input leas
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.calibration import walk_layers
 from vlaopt.optimize.layers.base import LAYER_METHODS, BlockMethod, CosineMeter
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 
 @LAYER_METHODS.register("shortgpt")
 class ShortGPT(BlockMethod):
     needs_data = True
 
-    def scores(self, model: Any, states: list[TokenState] | None) -> dict[int, float]:
+    def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         out = {}
         for i, layer, inputs in walk_layers(model.lm, states):
             meter = CosineMeter()

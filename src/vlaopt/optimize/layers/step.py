@@ -8,11 +8,14 @@ candidate), so `rebuild` re-creates the same structure on a fresh model without 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlaopt.optimize.calibration import CalibratedStep
 from vlaopt.optimize.layers.base import LAYER_METHODS
 from vlaopt.optimize.recipe import STEPS, make_config, split_method
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 
 @dataclass
@@ -36,7 +39,7 @@ def _method(params: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
 class LayerPruningStep(CalibratedStep):
     """Remove the n least important decoder blocks or attention sublayers of the LM."""
 
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         name, method, params = _method(params)
         where = f"layer_pruning ({name})"
         cfg = make_config(LayerPruningConfig, params, where)
@@ -55,7 +58,7 @@ class LayerPruningStep(CalibratedStep):
         method.remove(model, removed)
         return resolved
 
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         name, method, params = _method(resolved)
         removed = params.get("removed")
         if not isinstance(removed, list) or len(removed) != params.get("n"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,6 +17,9 @@ from vlaopt.optimize.quant.int8 import empty_int8, quantize_int8
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config, split_method
 from vlaopt.optimize.weights.targets import DEFAULT_TARGETS, select_modules
 from vlaopt.utils.registry import Registry
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 QUANT_METHODS: Registry[type[Int8Config]] = Registry("quantization method")
 
@@ -44,13 +47,13 @@ def _config(params: dict[str, Any]) -> tuple[str, Int8Config]:
 class QuantizeStep(RecipeStep):
     """Replace the targeted linear layers of the model by int8 ones."""
 
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         method, cfg = _config(params)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
         quantize_int8(model, names, cfg.weight_only)
         return {"method": method, **dataclasses.asdict(cfg)}
 
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         method, cfg = _config(resolved)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
         empty_int8(model, names, cfg.weight_only)

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual, replace_visual
 
-
 TRAIN_PATHS = ("merge", "drop")
 
 

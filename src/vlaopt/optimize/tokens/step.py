@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vlaopt.optimize.layers.remove import has_attention
 from vlaopt.optimize.recipe import STEPS, RecipeStep, make_config, split_method
 from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner
+
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
 
 
 def check_hook_order(hooks: list[TokenPruner]) -> None:
@@ -36,7 +39,7 @@ def check_hook_order(hooks: list[TokenPruner]) -> None:
 class TokenPruningStep(RecipeStep):
     """Attach a visual-token pruner to the LM layer loop (no weights change)."""
 
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         method, params = split_method(params, PRUNERS, "token_pruning")
         cls = PRUNERS.get(method)
         cfg = make_config(cls.config_cls, params, f"token_pruning ({method})")
@@ -52,5 +55,5 @@ class TokenPruningStep(RecipeStep):
         model.lm.hooks.append(pruner)
         return {"method": method, **dataclasses.asdict(cfg)}
 
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         self.apply(model, resolved)

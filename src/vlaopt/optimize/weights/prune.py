@@ -8,7 +8,7 @@ tokens only), the linears are pruned, and the walk goes on with the pruned layer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,6 +17,9 @@ from vlaopt.model.layout import TokenState
 from vlaopt.optimize.calibration import walk_layers
 from vlaopt.optimize.weights.base import Stats, WeightPruner
 
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
+
 
 def prune_linear(linear: nn.Linear, pruner: WeightPruner, stats: Stats | None) -> None:
     """Replace the weight of `linear` by its pruned version, in place."""
@@ -24,7 +27,7 @@ def prune_linear(linear: nn.Linear, pruner: WeightPruner, stats: Stats | None) -
         linear.weight.copy_(pruner.prune(linear.weight.detach().float(), stats).to(linear.weight.dtype))
 
 
-def _by_layer(model: Any, targets: dict[str, nn.Linear]) -> dict[int, dict[str, nn.Linear]]:
+def _by_layer(model: VLA, targets: dict[str, nn.Linear]) -> dict[int, dict[str, nn.Linear]]:
     owner = {id(m): i for i, layer in enumerate(model.lm.decoder.layers) for m in layer.modules()}
     out: dict[int, dict[str, nn.Linear]] = {}
     for name, linear in targets.items():
@@ -62,7 +65,7 @@ def collect_stats(
 
 
 def prune_model(
-    model: Any, pruner: WeightPruner, targets: dict[str, nn.Linear], states: list[TokenState] | None
+    model: VLA, pruner: WeightPruner, targets: dict[str, nn.Linear], states: list[TokenState] | None
 ) -> None:
     """Prune the linear layers `targets` (name -> module) of `model` with `pruner`."""
     if pruner.stats_cls is None:

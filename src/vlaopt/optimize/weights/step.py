@@ -6,7 +6,7 @@ linear layers by name pattern (default: the LM's decoder layers). Weights are ze
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -16,12 +16,15 @@ from vlaopt.optimize.weights.base import WEIGHT_PRUNERS
 from vlaopt.optimize.weights.prune import prune_model
 from vlaopt.optimize.weights.targets import select_modules
 
+if TYPE_CHECKING:
+    from vlaopt.model.vla import VLA
+
 
 @STEPS.register("weight_pruning")
 class WeightPruningStep(CalibratedStep):
     """Zero the least important weights of the targeted linear layers."""
 
-    def apply(self, model: Any, params: dict[str, Any]) -> dict[str, Any]:
+    def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         name, params = split_method(params, WEIGHT_PRUNERS, "weight_pruning")
         cls = WEIGHT_PRUNERS.get(name)
         where = f"weight_pruning ({name})"
@@ -33,5 +36,5 @@ class WeightPruningStep(CalibratedStep):
         prune_model(model, cls(cfg), targets, states)
         return resolved
 
-    def rebuild(self, model: Any, resolved: dict[str, Any]) -> None:
+    def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         split_method(resolved, WEIGHT_PRUNERS, "weight_pruning")  # only checks the method: zeroed weights load as saved
