@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from vlaopt.data.dataset import collate
 from vlaopt.model.checkpoint import CheckpointError, read_manifest, verify_manifest
 from vlaopt.model.vla import CONFIG_FILE, VLA, WEIGHTS_FILE
 from vlaopt.train.schedules import lr_factor
@@ -75,18 +76,6 @@ class TrainConfig:
             raise ValueError(f"train.lr={self.lr!r} must be positive")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"train.warmup_steps={self.warmup_steps!r} must be a non-negative integer")
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-timestep samples (images, instruction, proprio, actions) into a batch."""
-    batch = {
-        "images": torch.stack([torch.as_tensor(s["images"]) for s in samples]),
-        "instructions": [s["instruction"] for s in samples],
-        "actions": torch.stack([torch.as_tensor(s["actions"], dtype=torch.float32) for s in samples]),
-    }
-    if samples[0].get("proprio") is not None:
-        batch["proprio"] = torch.stack([torch.as_tensor(s["proprio"], dtype=torch.float32) for s in samples])
-    return batch
 
 
 class StepBatches(Sampler[list[int]]):
