@@ -128,3 +128,39 @@ def test_flow_steps_validates_the_new_head_config():
         apply(model, [{"flow_steps": {"n": 30}}])
     apply(model, [{"flow_steps": {"n": 3}}])
     assert model.head.cfg is model.config.head and model.config.head.steps == 3
+
+
+def test_typed_step_configs_apply_as_their_yaml_does():
+    """`apply(model, [FastVConfig(...), Int8Config()])` (torchao style) records and predicts exactly
+    what the same steps written as YAML entries do; every method has a config class of its own."""
+    from vlaopt.optimize import STEPS
+    from vlaopt.optimize.layers.attention_drop import AttentionDropConfig
+    from vlaopt.optimize.quant.step import Int8Config
+    from vlaopt.optimize.recipe import step_entry
+    from vlaopt.optimize.tokens.fastv import FastVConfig
+    from vlaopt.optimize.weights.wanda import WandaConfig
+
+    calibration = [observations(VLAConfig.tiny(cameras=2, proprio_dim=3), batch=4, seed=s) for s in range(2)]
+    typed = [FastVConfig(layer=1, keep=0.5), AttentionDropConfig(n=1, calibration={"samples": 8}),
+             WandaConfig(pattern="2:4", calibration={"samples": 8}), Int8Config()]
+    written = [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}},
+               {"layer_pruning": {"method": "attention_drop", "n": 1, "calibration": {"samples": 8}}},
+               {"weight_pruning": {"method": "wanda", "pattern": "2:4", "calibration": {"samples": 8}}},
+               {"quantize": {"method": "int8"}}]
+    cfg = VLAConfig.tiny(cameras=2, proprio_dim=3)
+    cfg.lm.hf_config["num_hidden_layers"] = 4  # room for an attention drop besides the layer FastV reads
+    a = apply(VLA(cfg).eval(), typed, calibration=calibration)
+    b = apply(VLA(cfg).eval(), written, calibration=calibration)
+    obs = observations(a.config, batch=2)
+    assert a.config.recipe == b.config.recipe
+    assert torch.equal(a.predict_action(*obs), b.predict_action(*obs))
+    configs = [c for kind in STEPS.names() for c in STEPS.get(kind).config_classes()]
+    assert len(configs) == len(set(configs)) == 5 + 3 + 3 + 1 + 1
+    for cls in configs:  # each default config names its own step and method
+        entry = step_entry(cls()) if cls.__name__ != "FastVConfig" else step_entry(cls(layer=1))
+        (kind, params), = entry.items()
+        assert cls in STEPS.get(kind).config_classes()
+    with pytest.raises(ValueError, match=r"Observation is not the config of a recipe step; expected one of "):
+        from vlaopt.model.processor import Observation
+
+        apply(_model(), [Observation(None, [])])

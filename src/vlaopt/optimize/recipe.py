@@ -41,6 +41,12 @@ class RecipeStep(ABC):
     def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         """Re-create the structure a recorded step made, on a freshly built model (no data)."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        """The typed configs of this step kind: config dataclass -> the method it configures (None
+        for a kind without methods). `apply` takes an instance of any of them as a step."""
+        return {}
+
 
 def make_config(cls: type, params: dict[str, Any], where: str) -> Any:
     """Build dataclass `cls` from `params`, naming unknown keys and the valid ones."""
@@ -71,11 +77,26 @@ def _recorded(name: str, resolved: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-def _entries(recipe: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+def step_entry(step: Any) -> Any:
+    """The `{kind: {params}}` entry (the YAML form) of a typed step config such as
+    `FastVConfig(layer=2, keep=0.25)` or `Int8Config()`; any other value is returned as it is."""
+    if not dataclasses.is_dataclass(step) or isinstance(step, type):
+        return step
+    for kind in STEPS.names():
+        configs = STEPS.get(kind).config_classes()
+        if type(step) in configs:
+            method = configs[type(step)]
+            params = {k: v for k, v in dataclasses.asdict(step).items() if not (k == "calibration" and v is None)}
+            return {kind: params if method is None else {"method": method, **params}}
+    raise ValueError(f"{type(step).__name__} is not the config of a recipe step; expected one of "
+                     f"{', '.join(sorted(c.__name__ for k in STEPS.names() for c in STEPS.get(k).config_classes()))}")
+
+
+def _entries(recipe: list[Any]) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(recipe, list):
         raise ValueError(f"a recipe must be a list of {{step: {{params}}}} entries, got {type(recipe).__name__}")
     out = []
-    for i, entry in enumerate(recipe):
+    for i, entry in enumerate(step_entry(e) for e in recipe):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise ValueError(f"recipe entry {i} is {entry!r}; expected one mapping {{step: {{params}}}}")
         (name, params), = entry.items()
@@ -94,15 +115,18 @@ def read_recipe_file(path: str | Path) -> Any:
     return read_yaml(path, "recipe file", allow_empty=True)
 
 
-def load_recipe(source: str | Path | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A recipe from a YAML file path or an already parsed list (validated)."""
-    recipe = source if isinstance(source, list) else read_recipe_file(source) or []
+def load_recipe(source: str | Path | list[Any]) -> list[dict[str, Any]]:
+    """A recipe (validated, as `{kind: {params}}` entries) from a YAML file path or a list of entries
+    and/or typed step configs (`step_entry`)."""
+    recipe = [step_entry(e) for e in source] if isinstance(source, list) else read_recipe_file(source) or []
     _entries(recipe)
     return recipe
 
 
-def apply(model: VLA, recipe: str | Path | list[dict[str, Any]], calibration: Sequence[Any] | None = None) -> Any:
-    """Apply each step of `recipe` to `model` in order, in place; record them in `model.config.recipe`.
+def apply(model: VLA, recipe: str | Path | list[Any], calibration: Sequence[Any] | None = None) -> VLA:
+    """Apply each step of `recipe` (a YAML file, or a list of `{kind: {params}}` entries and/or typed
+    step configs such as `FastVConfig(layer=2, keep=0.25)`) to `model` in order, in place, in the
+    spirit of torchao's `quantize_(model, Config)`; record them in `model.config.recipe`.
     `calibration` holds observation batches for steps that calibrate on data (`source: given`)."""
     for name, params in _entries(load_recipe(recipe)):
         params.pop("version", None)  # a recorded step may be applied again (e.g. copied from a config.json)

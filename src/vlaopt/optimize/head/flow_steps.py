@@ -35,6 +35,10 @@ class FlowStepsConfig:
 class FlowStepsStep(RecipeStep):
     """Set `head.steps` of a stepped head."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        return {FlowStepsConfig: None}
+
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         cfg = make_config(FlowStepsConfig, params, "flow_steps")
         head = model.config.head

@@ -4,20 +4,27 @@ tokens; the most redundant sublayers are dropped and their MLPs kept."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.calibration import walk_layers
-from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod, CosineMeter
+from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod, CosineMeter, LayerPruningConfig
 from vlaopt.optimize.layers.remove import has_attention
 
 if TYPE_CHECKING:
     from vlaopt.model.vla import VLA
 
 
+@dataclass
+class AttentionDropConfig(LayerPruningConfig):
+    """`layer_pruning` with method attention_drop."""
+
+
 @LAYER_METHODS.register("attention_drop")
 class AttentionDrop(AttentionMethod):
     needs_data = True
+    config_cls = AttentionDropConfig
 
     def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         out = {}

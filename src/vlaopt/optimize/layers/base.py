@@ -8,7 +8,8 @@ changes the residual stream more and is kept longer.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,24 @@ if TYPE_CHECKING:
 LAYER_METHODS: Registry[type[LayerMethod]] = Registry("layer pruning method")
 
 
+@dataclass
+class LayerPruningConfig:
+    """How many units (blocks or attention sublayers, by method) to remove, and the calibration."""
+
+    n: int = 1
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"layer_pruning n={self.n!r} must be a positive integer")
+
+
 class LayerMethod(ABC):
     """Base of depth-pruning methods: what they remove, whether they need calibration data, and how
     they score."""
 
     needs_data: ClassVar[bool]
+    config_cls: ClassVar[type[LayerPruningConfig]]  # each method its own, so a config names its method
 
     @abstractmethod
     def candidates(self, model: VLA) -> list[int]:

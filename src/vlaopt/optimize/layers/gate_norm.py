@@ -10,13 +10,14 @@ scale the rows of W_q and W_k first.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from vlaopt.model.layout import TokenState
-from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod
+from vlaopt.optimize.layers.base import LAYER_METHODS, AttentionMethod, LayerPruningConfig
 from vlaopt.optimize.quant.int8 import float_weight
 
 if TYPE_CHECKING:
@@ -38,9 +39,15 @@ def coupling_norms(attention: nn.Module) -> torch.Tensor:
     return (gram_q * gram_k).sum((1, 2)).clamp(min=0).sqrt()  # tr(A B) = sum(A * B^T), both symmetric
 
 
+@dataclass
+class GateNormConfig(LayerPruningConfig):
+    """`layer_pruning` with method gate_norm."""
+
+
 @LAYER_METHODS.register("gate_norm")
 class GateNorm(AttentionMethod):
     needs_data = False
+    config_cls = GateNormConfig
 
     def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         layers = model.lm.decoder.layers

@@ -3,19 +3,26 @@ the valid tokens of the calibration set; the blocks that change their input leas
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from vlaopt.model.layout import TokenState
 from vlaopt.optimize.calibration import walk_layers
-from vlaopt.optimize.layers.base import LAYER_METHODS, BlockMethod, CosineMeter
+from vlaopt.optimize.layers.base import LAYER_METHODS, BlockMethod, CosineMeter, LayerPruningConfig
 
 if TYPE_CHECKING:
     from vlaopt.model.vla import VLA
 
 
+@dataclass
+class ShortGPTConfig(LayerPruningConfig):
+    """`layer_pruning` with method shortgpt."""
+
+
 @LAYER_METHODS.register("shortgpt")
 class ShortGPT(BlockMethod):
     needs_data = True
+    config_cls = ShortGPTConfig
 
     def scores(self, model: VLA, states: list[TokenState] | None) -> dict[int, float]:
         out = {}

@@ -7,7 +7,6 @@ candidate), so `rebuild` re-creates the same structure on a fresh model without 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vlaopt.optimize.calibration import CalibratedStep
@@ -16,18 +15,6 @@ from vlaopt.optimize.recipe import STEPS, make_config, split_method
 
 if TYPE_CHECKING:
     from vlaopt.model.vla import VLA
-
-
-@dataclass
-class LayerPruningConfig:
-    """How many units (blocks or attention sublayers, by method) to remove, and the calibration."""
-
-    n: int = 1
-    calibration: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"layer_pruning n={self.n!r} must be a positive integer")
 
 
 def _method(params: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
@@ -39,10 +26,14 @@ def _method(params: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
 class LayerPruningStep(CalibratedStep):
     """Remove the n least important decoder blocks or attention sublayers of the LM."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        return {LAYER_METHODS.get(name).config_cls: name for name in LAYER_METHODS.names()}
+
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         name, method, params = _method(params)
         where = f"layer_pruning ({name})"
-        cfg = make_config(LayerPruningConfig, params, where)
+        cfg = make_config(method.config_cls, params, where)
         candidates = method.candidates(model)
         if cfg.n >= len(candidates):
             raise ValueError(

@@ -47,6 +47,10 @@ def _config(params: dict[str, Any]) -> tuple[str, Int8Config]:
 class QuantizeStep(RecipeStep):
     """Replace the targeted linear layers of the model by int8 ones."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        return {QUANT_METHODS.get(name): name for name in QUANT_METHODS.names()}
+
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         method, cfg = _config(params)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))

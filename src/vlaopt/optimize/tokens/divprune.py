@@ -3,12 +3,14 @@ cosine distance (each new token is the one farthest from everything already kept
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vlaopt.model.layout import TokenState
-from vlaopt.optimize.tokens.base import PRUNERS, TokenPruner, keep_count, keep_visual
+from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_count, keep_visual
 
 
 def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,9 +50,15 @@ def max_min_select(features: torch.Tensor, valid: torch.Tensor, k: int) -> torch
     return torch.from_numpy(chosen).to(valid.device) & valid
 
 
+@dataclass
+class DivPruneConfig(PrunerConfig):
+    """`token_pruning` with method divprune."""
+
+
 @PRUNERS.register("divprune")
 class DivPrune(TokenPruner):
     name = "divprune"
+    config_cls = DivPruneConfig
 
     def forward(self, state: TokenState) -> TokenState:
         span = state.layout.span("visual")

@@ -39,6 +39,10 @@ def check_hook_order(hooks: list[TokenPruner]) -> None:
 class TokenPruningStep(RecipeStep):
     """Attach a visual-token pruner to the LM layer loop (no weights change)."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        return {PRUNERS.get(name).config_cls: name for name in PRUNERS.names()}
+
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         method, params = split_method(params, PRUNERS, "token_pruning")
         cls = PRUNERS.get(method)

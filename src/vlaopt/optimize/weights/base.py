@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +29,7 @@ class WeightPruningConfig:
     pattern: str | None = None
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     ignore: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # for the data-driven methods (Wanda, SparseGPT)
 
     def __post_init__(self) -> None:
         if self.pattern is not None:

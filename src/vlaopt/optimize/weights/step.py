@@ -24,15 +24,19 @@ if TYPE_CHECKING:
 class WeightPruningStep(CalibratedStep):
     """Zero the least important weights of the targeted linear layers."""
 
+    @classmethod
+    def config_classes(cls) -> dict[type, str | None]:
+        return {WEIGHT_PRUNERS.get(name).config_cls: name for name in WEIGHT_PRUNERS.names()}
+
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         name, params = split_method(params, WEIGHT_PRUNERS, "weight_pruning")
         cls = WEIGHT_PRUNERS.get(name)
         where = f"weight_pruning ({name})"
-        calibration_params = params.pop("calibration", None)
         cfg = make_config(cls.config_cls, params, where)
         targets = select_modules(model, cfg.targets, cfg.ignore, nn.Linear, where)
-        resolved: dict[str, Any] = {"method": name, **dataclasses.asdict(cfg)}
-        states = self.calibrated_states(model, calibration_params, cls.stats_cls is not None, where, resolved)
+        fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "calibration"}  # recorded resolved below
+        resolved: dict[str, Any] = {"method": name, **fields}
+        states = self.calibrated_states(model, cfg.calibration, cls.stats_cls is not None, where, resolved)
         prune_model(model, cls(cfg), targets, states)
         return resolved
 

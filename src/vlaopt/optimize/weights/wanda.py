@@ -4,13 +4,21 @@ norm of its input feature over the calibration tokens, and zero the lowest score
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from vlaopt.optimize.weights.base import WEIGHT_PRUNERS, ColumnNorms, WeightPruner
+from vlaopt.optimize.weights.base import WEIGHT_PRUNERS, ColumnNorms, WeightPruner, WeightPruningConfig
+
+
+@dataclass
+class WandaConfig(WeightPruningConfig):
+    """`weight_pruning` with method wanda."""
 
 
 @WEIGHT_PRUNERS.register("wanda")
 class WandaPruner(WeightPruner):
+    config_cls = WandaConfig
     stats_cls = ColumnNorms
 
     def prune(self, weight: torch.Tensor, stats: ColumnNorms) -> torch.Tensor:
