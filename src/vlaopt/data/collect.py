@@ -43,7 +43,7 @@ from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEP
 from vlaopt.sim.scripted import ScriptedPolicy
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_write_text
-from vlaopt.utils.processes import die_with_parent
+from vlaopt.utils.processes import die_with_parent, worker_pool
 from vlaopt.utils.seeds import derive_seed
 
 POST_SUCCESS_STEPS = 5
@@ -369,28 +369,24 @@ def _collect_missing(settings: CollectSettings, out: Path, workers: int, finishe
     def failed() -> int:
         return sum(entry is None for task in settings.tasks for entry in finished[task].values())
 
-    with _make_executor(workers) as pool, Progress(*columns, disable=not progress) as bar:
+    with worker_pool(_make_executor(workers)) as pool, Progress(*columns, disable=not progress) as bar:
         bar_id = bar.add_task("collect", total=len(settings.tasks) * settings.episodes_per_task,
                               completed=sum(map(successes, settings.tasks)), failed=failed())
-        try:
-            for task in settings.tasks:
+        for task in settings.tasks:
+            plan(task)
+        while queue or running:
+            while queue and len(running) < max(workers, 1):
+                task, attempts = queue.popleft()
+                running[pool.submit(_run_attempts, settings, task, attempts, out)] = (task, attempts)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                task, attempts = running.pop(future)
+                results = future.result()
+                unfinished[task] -= len(attempts)
+                finished[task].update(zip(attempts, results, strict=True))
+                _write_progress(out, settings, finished)
+                bar.update(bar_id, completed=sum(map(successes, settings.tasks)), failed=failed())
                 plan(task)
-            while queue or running:
-                while queue and len(running) < max(workers, 1):
-                    task, attempts = queue.popleft()
-                    running[pool.submit(_run_attempts, settings, task, attempts, out)] = (task, attempts)
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    task, attempts = running.pop(future)
-                    results = future.result()
-                    unfinished[task] -= len(attempts)
-                    finished[task].update(zip(attempts, results, strict=True))
-                    _write_progress(out, settings, finished)
-                    bar.update(bar_id, completed=sum(map(successes, settings.tasks)), failed=failed())
-                    plan(task)
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
 
 
 def collect(

@@ -32,7 +32,7 @@ from vlaopt.optimize import load
 from vlaopt.sim.env import DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_write_text
-from vlaopt.utils.processes import die_with_parent
+from vlaopt.utils.processes import die_with_parent, worker_pool
 
 EPISODES_PER_JOB = 5
 """Episodes a worker runs with one env: amortizes the ~0.5 s env and renderer start."""
@@ -190,38 +190,34 @@ def _run_in_pools(jobs: Sequence[Any], workers: int, make_pool: Callable[[], Exe
     queue: deque[Any] = deque(jobs)
     suspects: deque[Any] = deque()  # were running when a worker died; each reruns alone
     while queue or suspects:
-        with make_pool() as pool:
+        with worker_pool(make_pool()) as pool:
             running: dict[Future, tuple[Any, bool]] = {}  # future -> (job, runs alone)
             broken = False
-            try:
-                while True:
-                    while not broken and (picked := _next_job(queue, suspects, len(running), workers)):
-                        job, alone = picked
-                        try:
-                            running[submit(pool, job)] = (job, alone)
-                        except BrokenProcessPool:
-                            (suspects if alone else queue).appendleft(job)
-                            broken = True
-                    if not running:
-                        break
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        job, alone = running.pop(future)
-                        try:
-                            result = future.result()
-                        except BrokenProcessPool as error:
-                            broken = True
-                            if alone:
-                                finish(job, None, f"a worker process died while running these episodes ({error})")
-                            else:
-                                suspects.append(job)
-                        except Exception as error:
-                            finish(job, None, _error_text(error))
+            while True:
+                while not broken and (picked := _next_job(queue, suspects, len(running), workers)):
+                    job, alone = picked
+                    try:
+                        running[submit(pool, job)] = (job, alone)
+                    except BrokenProcessPool:
+                        (suspects if alone else queue).appendleft(job)
+                        broken = True
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job, alone = running.pop(future)
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as error:
+                        broken = True
+                        if alone:
+                            finish(job, None, f"a worker process died while running these episodes ({error})")
                         else:
-                            finish(job, result, None)
-            except BaseException:
-                pool.shutdown(cancel_futures=True)
-                raise
+                            suspects.append(job)
+                    except Exception as error:
+                        finish(job, None, _error_text(error))
+                    else:
+                        finish(job, result, None)
 
 
 def _next_job(queue: deque[Any], suspects: deque[Any], busy: int, workers: int) -> tuple[Any, bool] | None:

@@ -1,4 +1,4 @@
-"""Worker processes that end with their parent.
+"""Worker processes that end with their parent, and process pools whose shutdown cannot hang.
 
 A `ProcessPoolExecutor` worker whose parent is killed (SIGKILL, the OOM killer, a closed terminal)
 keeps running as an orphan: it waits forever for work, or finishes a rollout nobody will read. Call
@@ -14,6 +14,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import Executor
+from contextlib import contextmanager
 
 PR_SET_PDEATHSIG = 1
 """prctl option (linux/prctl.h): the signal this process gets when its parent dies."""
@@ -58,3 +61,26 @@ def _watch_parent(parent: int, poll_s: float) -> None:
     while os.getppid() == parent:
         time.sleep(poll_s)
     os._exit(1)
+
+
+@contextmanager
+def worker_pool(pool: Executor, timeout_s: float = 10.0) -> Iterator[Executor]:
+    """Use `pool` in a `with` block that cannot hang on exit.
+
+    A plain `with ProcessPoolExecutor(...)` can wait forever: when a worker dies while another is
+    being spawned (spawned pools start workers on demand), CPython's broken-pool handling terminates
+    only the workers it has registered, and the new one blocks on the task queue while shutdown
+    waits for it (seen here in a test that kills a worker). So on exit the pool is shut down without
+    waiting, pending work is cancelled, and the worker processes started while it ran get
+    `timeout_s` to finish before they are killed."""
+    before = set(multiprocessing.active_children())
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout_s
+        for process in set(multiprocessing.active_children()) - before:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join()
