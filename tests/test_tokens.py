@@ -280,12 +280,13 @@ def test_registry_lists_all_methods():
 
 @pytest.mark.parametrize("n,k", [(9, 4), (40, 5)])  # one N x N product; one product per pick (k <= N / 8)
 def test_divprune_picks_the_greedy_max_min_set(n, k):
-    """Against a plain-Python greedy farthest-point selection, with a padded token never picked."""
+    """`first="mean"` (vla-opt's earlier first pick) against a plain-Python greedy farthest-point
+    selection, with a padded token never picked."""
     gen = torch.Generator().manual_seed(1)
     features = torch.randn(2, n, 6, generator=gen)
     valid = torch.ones(2, n, dtype=torch.bool)
     valid[1, 4] = False
-    chosen = max_min_select(features, valid, k)
+    chosen = max_min_select(features, valid, k, first="mean")
     for b in range(2):
         x = torch.nn.functional.normalize(features[b], dim=-1)
         dist = 1 - x @ x.T
@@ -294,3 +295,82 @@ def test_divprune_picks_the_greedy_max_min_set(n, k):
         while len(picks) < k:
             picks.append(max((i for i in idx if i not in picks), key=lambda i: min(dist[i, j].item() for j in picks)))
         assert sorted(picks) == chosen[b].nonzero().flatten().tolist()
+
+
+class _ReferenceLightVLA:
+    """A re-typed copy of the selection and training-merge rule of the authors' TokenPruner
+    (LightVLA, prismatic/extern/hf/modeling_prismatic.py): RMS norms with eps 1e-6 in float32,
+    SDPA of patches over the task tokens, a straight-through one-hot + softmax merge of the noisy
+    scores, and each slot's position id taken from the patch it voted for."""
+
+    @staticmethod
+    def rms(x, eps=1e-6):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    @classmethod
+    def score(cls, patches, task):
+        p, t = cls.rms(patches), cls.rms(task)
+        q = cls.rms(torch.nn.functional.scaled_dot_product_attention(p, t, t))
+        return q @ p.transpose(-2, -1) / patches.shape[-1] ** 0.5
+
+    @classmethod
+    def train_forward(cls, patches, task, position_ids, noise_scale):
+        score = cls.score(patches, task)
+        score = score + torch.rand_like(score) * noise_scale
+        hard = torch.nn.functional.one_hot(score.argmax(-1), num_classes=score.shape[-1])
+        soft = torch.softmax(score, dim=-1)
+        score = hard + soft - soft.detach()
+        indices = score.argmax(-1)
+        rows = torch.arange(patches.shape[0])[:, None].expand_as(indices)
+        return score @ patches, position_ids[rows, indices]
+
+
+def test_lightvla_matches_the_authors_token_pruner_on_the_same_inputs():
+    """Scores, the training merge and the merged slots' position ids equal a re-typed copy of the
+    reference pruner (same inputs, same noise draw); inference keeps the union of its votes."""
+    model = _model(recipe=[{"token_pruning": {"method": "lightvla"}}])
+    state = model.lm_input(*observations(model.config, batch=1))  # one prompt: no padding, as the reference
+    span = state.layout.span("visual")
+    patches, task = state.hidden[:, span], state.hidden[:, span.stop:]
+    ref_score = _ReferenceLightVLA.score(patches, task)
+    torch.testing.assert_close(lightvla_scores(patches, task, torch.ones(task.shape[:2], dtype=torch.bool)),
+                               ref_score, atol=2e-5, rtol=1e-5)
+    pruner = model.lm.hooks[0].train()
+    pruner.set_noise_scale(0.7)
+    torch.manual_seed(3)
+    ours = pruner(state)
+    torch.manual_seed(3)
+    merged, positions = _ReferenceLightVLA.train_forward(patches, task, state.position_ids[:, span], 0.7)
+    torch.testing.assert_close(ours.hidden[:, span], merged, atol=1e-6, rtol=0)
+    assert torch.equal(ours.position_ids[:, span], positions)
+    assert (positions != state.position_ids[:, span]).any()  # slots do move to their votes' positions
+    kept = pruner.eval()(state)
+    votes = ref_score.argmax(-1)
+    assert torch.equal(kept.position_ids[0, kept.layout.span("visual")],
+                       state.position_ids[0, span][torch.unique(votes[0])])
+
+
+def _reference_divprune(features: torch.Tensor, k: int) -> list[int]:
+    """A re-typed copy of the authors' DivPrune selection (vbdi/divprune, llava_arch.py) for one
+    image: cosine distances; the first pick maximizes the second-smallest distance of its column
+    (its nearest other token), each next pick the smallest distance to the picks so far."""
+    x = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - x @ x.t()
+    picks = torch.empty(k, dtype=torch.long)
+    for i in range(k):
+        rows = distance if i == 0 else torch.index_select(distance, 0, picks[:i])
+        scores = torch.topk(rows, 2, dim=0, largest=False).values[1, :] if i == 0 else rows.min(dim=0).values
+        picks[i] = torch.argmax(scores)
+    return sorted(picks.tolist())
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 6), (64, 16), (512, 51), (512, 128), (512, 256)])
+def test_divprune_keeps_what_the_authors_rule_keeps(n, k):
+    gen = torch.Generator().manual_seed(7)
+    features = torch.randn(2, n, 32, generator=gen)
+    chosen = max_min_select(features, torch.ones(2, n, dtype=torch.bool), k)
+    for b in range(2):
+        assert chosen[b].nonzero().flatten().tolist() == _reference_divprune(features[b], k)
+    earlier = max_min_select(features, torch.ones(2, n, dtype=torch.bool), k, first="mean")
+    assert (earlier != chosen).any() or k == n  # the first pick matters: the old rule keeps other tokens

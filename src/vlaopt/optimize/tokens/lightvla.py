@@ -4,10 +4,13 @@ Scoring: RMS-normed patches attend to the RMS-normed task tokens (everything aft
 segment), the result is RMS-normed again and scored against every patch: score[i, j] says how much
 patch i points at patch j. Inference: every patch votes for its argmax, and the kept set is the
 union of votes, so the number kept adapts to each frame. Training (`train_path: merge`, the seed):
-nothing is dropped; each patch is replaced by the patch it votes for, through a straight-through
+nothing is dropped; each patch slot is replaced by the patch it votes for, through a straight-through
 one-hot/softmax merge, with uniform noise of scale `noise_scale` on the scores (decayed from 1 to 0
-over training). The LM then sees duplicates at the voters' positions, which inference never shows
-it; `train_path: drop` (ours) keeps the same straight-through merge but shows the LM exactly the
+over training), and takes the voted patch's position id, as the authors' TokenPruner does. The LM
+then sees duplicates (several slots holding one patch at one position), which inference never shows
+it; RMS norms use the reference's eps 1e-6. Padding patches (from an earlier pruner) neither vote
+nor are voted for; the task tokens' attention skips padded prompt tokens (the reference has none).
+`train_path: drop` (ours) keeps the same straight-through merge but shows the LM exactly the
 inference sequence: each voted patch at its own slot and position, the other slots masked out.
 """
 
@@ -42,8 +45,12 @@ def noise_schedule(step: int, total: int) -> float:
     return max(0.0, 1.0 - step / max(1, total))
 
 
+RMS_EPS = 1e-6
+"""The epsilon of the reference TokenPruner's RMS norms (of patches, task tokens and queries)."""
+
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.shape[-1],))
+    return F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
 
 
 def lightvla_scores(patches: torch.Tensor, task: torch.Tensor, task_valid: torch.Tensor) -> torch.Tensor:
@@ -58,7 +65,7 @@ def lightvla_scores(patches: torch.Tensor, task: torch.Tensor, task_valid: torch
     logits = p @ t.transpose(1, 2) / d**0.5  # (B, P, T)
     attn = logits.masked_fill(~task_valid[:, None, :], float("-inf")).softmax(-1)
     q_sq = ((attn @ (t @ t.transpose(1, 2))) * attn).sum(-1)  # |q_i|^2 = a_i^T (t t^T) a_i
-    q_rms = (q_sq / d + torch.finfo(q_sq.dtype).eps).sqrt()  # F.rms_norm's default eps
+    q_rms = (q_sq / d + RMS_EPS).sqrt()
     return (attn @ logits.transpose(1, 2)) / q_rms[..., None]
 
 
@@ -112,10 +119,14 @@ class LightVLAPruner(TokenPruner):
             if self.noise_scale > 0:
                 scores = scores + torch.rand_like(scores) * self.noise_scale
             merged = straight_through_merge(scores, state.hidden[:, span])
+            votes = scores.argmax(-1)
+            positions = state.position_ids[:, span]
             if self.cfg.train_path == "drop":  # slot j holds patch j (through its first voter's merge) or is masked
-                voter = first_voters(scores.argmax(-1), vis_valid)
+                voter = first_voters(votes, vis_valid)
                 merged = merged.gather(1, voter.clamp(max=merged.shape[1] - 1)[..., None].expand_as(merged))
                 vis_valid = vis_valid & (voter < merged.shape[1])
-            return replace_visual(state, merged, state.position_ids[:, span], vis_valid)
+            else:  # the seed: slot i holds the patch it voted for, at that patch's position
+                positions = positions.gather(1, votes).where(vis_valid, positions)
+            return replace_visual(state, merged, positions, vis_valid)
         counts = torch.zeros(vis_valid.shape, device=scores.device).scatter_add_(1, scores.argmax(-1), vis_valid.float())
         return keep_visual(state, counts > 0)
