@@ -42,7 +42,7 @@ from vlaopt.data.episodes import (
 from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.scripted import ScriptedPolicy
 from vlaopt.sim.tasks import instruction
-from vlaopt.utils.io import atomic_write_text
+from vlaopt.utils.io import atomic_leftover_of, atomic_write_text
 from vlaopt.utils.processes import die_with_parent, worker_pool
 from vlaopt.utils.seeds import derive_seed
 
@@ -55,8 +55,6 @@ PROGRESS_NAME = "progress.json"
 PROGRESS_FORMAT = "vlaopt-collect-progress"
 LOCK_NAME = ".collect.lock"
 """Held (flock) by the running collection of a folder; holds its pid; removed when the collection ends."""
-_TEMP_FILE = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
-"""A temporary file of `vlaopt.utils.io.atomic_write` for `name`, left behind when the writer was killed."""
 _EPISODE_FILE = re.compile(r"(?P<task>.+)_(?P<attempt>\d{4,})\.npz")
 
 
@@ -313,8 +311,8 @@ def _verified_entry(out: Path, settings: CollectSettings, task: str, attempt: in
 def _remove_partial_files(out: Path, settings: CollectSettings) -> None:
     """Delete the temporary files a killed collection left half-written (only names it writes)."""
     for file in out.iterdir():
-        match = _TEMP_FILE.fullmatch(file.name)
-        if match and (match["name"] in (INDEX_NAME, PROGRESS_NAME) or _episode_attempt(match["name"], settings)):
+        name = atomic_leftover_of(file.name)
+        if name is not None and (name in (INDEX_NAME, PROGRESS_NAME) or _episode_attempt(name, settings)):
             file.unlink(missing_ok=True)
 
 

@@ -59,6 +59,11 @@ def resolve_model_dir(name: str | Path) -> Path:
     return DEFAULT_MODEL_DIR if str(name) == "default" else Path(name)
 
 
+def step_names(recipe: list[dict[str, Any]]) -> str:
+    """The step kinds of a recorded recipe, for messages: "token_pruning, quantize"."""
+    return ", ".join(next(iter(entry)) for entry in recipe)
+
+
 class VLA(nn.Module):
     """A Vision-Language-Action policy; see the module docstring for the data path."""
 
@@ -67,9 +72,8 @@ class VLA(nn.Module):
     ) -> None:
         super().__init__()
         if config.recipe:
-            steps = ", ".join(next(iter(entry)) for entry in config.recipe)
             raise ValueError(f"VLA(config) builds an unoptimized model, but config.recipe lists {len(config.recipe)} "
-                             f"step(s) ({steps}); build it without them and vlaopt.apply the recipe, or load a saved "
+                             f"step(s) ({step_names(config.recipe)}); build it without them and vlaopt.apply the recipe, or load a saved "
                              "optimized model with vlaopt.load")
         self.config = config = copy.deepcopy(config)
         with torch.random.fork_rng(devices=[]):
@@ -170,8 +174,7 @@ class VLA(nn.Module):
             raise CheckpointError(f"the tokenizer in {directory} cannot be loaded: {exc}") from exc
         recipe, config.recipe = config.recipe, []
         if recipe and rebuild is None:
-            steps = ", ".join(next(iter(entry)) for entry in recipe)
-            raise CheckpointError(f"{directory} holds an optimized model (recipe: {steps}); load it with "
+            raise CheckpointError(f"{directory} holds an optimized model (recipe: {step_names(recipe)}); load it with "
                                   "vlaopt.load, which replays the recipe before loading the weights")
         model = cls(config, tokenizer=tokenizer, load_lm_weights=False)
         if recipe:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` and rename the result to `path`; the temporary file is removed on error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # see _LEFTOVER
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -49,11 +50,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+_LEFTOVER = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]+\.tmp")
+"""The name `atomic_write` gives its temporary file for `name`: `.{name}.{random}.tmp` (mkstemp)."""
+
+
+def atomic_leftover_of(filename: str) -> str | None:
+    """The target name of a temporary file a killed `atomic_write` left behind, else None."""
+    match = _LEFTOVER.fullmatch(filename)
+    return match["name"] if match else None
+
+
 def remove_atomic_leftovers(folder: str | Path, name: str) -> None:
     """Remove the temporary files that killed `atomic_write` calls for `folder/name` left behind
     (`.{name}.*.tmp`); they never hold anything a finished write did not replace."""
     for leftover in Path(folder).glob(f".{name}.*.tmp"):
-        if leftover.is_file():
+        if leftover.is_file() and atomic_leftover_of(leftover.name) == name:
             leftover.unlink(missing_ok=True)
 
 
