@@ -21,6 +21,7 @@ from vlaopt.bench.report import COLUMNS, TERMINAL, cell, to_markdown, to_table
 from vlaopt.bench.stages import time_once
 from vlaopt.cli import main
 from vlaopt.eval.closed_loop import EvalConfig, evaluate
+from vlaopt.eval.paired import compare_episodes
 from vlaopt.optimize import load_recipe
 
 
@@ -193,6 +194,9 @@ def test_success_column_equals_a_closed_loop_evaluation(tmp_path, capsys):
         assert row["success"]["episodes"] == 2
         assert row["success"]["successes"] == expected.overall.successes
         assert row["success"]["episode_results"] == expected.episodes
+    assert "paired" not in rows[0]["success"]  # the pruned row is paired with the baseline's episodes
+    assert rows[1]["success"]["paired"] == compare_episodes(rows[0]["success"]["episode_results"],
+                                                            rows[1]["success"]["episode_results"]).to_dict()
     capsys.readouterr()
     assert main(["bench", "--model", str(tmp_path / "m"), "--success"]) == 2  # a user error: one line, status 2
     assert "vla-opt: error: --success needs --tasks (MetaWorld tasks to run) for model " in capsys.readouterr().err

@@ -12,6 +12,22 @@ from vlaopt.cli import main
 from vlaopt.data.dataset import EpisodeDataset
 
 
+def test_optimize_calibrates_on_the_models_heldout_demos(tmp_path):
+    """A data-driven step needs no --data when the model has heldout.npz (the bundled policies do); its
+    choice equals `apply` calibrated on those demonstrations, and without any data it is refused."""
+    recipe = [{"layer_pruning": {"method": "shortgpt", "n": 1, "calibration": {"samples": 16}}}]
+    (tmp_path / "r.yaml").write_text("- layer_pruning: {method: shortgpt, n: 1, calibration: {samples: 16}}\n")
+    assert main(["optimize", "--model", "default", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 0
+    from vlaopt import apply
+    from vlaopt.model.vla import DEFAULT_MODEL_DIR
+
+    reference = apply(VLA.default(), recipe, calibration=load_npz(DEFAULT_MODEL_DIR / HELDOUT_FILE).batches(8))
+    assert load(tmp_path / "o").config.recipe == reference.config.recipe
+    VLA.default().save_pretrained(tmp_path / "bare")  # no heldout.npz beside it
+    assert main(["optimize", "--model", str(tmp_path / "bare"), "--recipe", str(tmp_path / "r.yaml"),
+                 "--out", str(tmp_path / "o2")]) == 2
+
+
 def test_demo_prints_actions_and_stage_table(capsys):
     assert main(["demo", "--repeats", "2", "--image-size", "32", "--head", "flow"]) == 0
     out = capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -50,13 +51,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _optimize(args: argparse.Namespace) -> int:
     """Apply a recipe to a saved model and save the optimized model with its recipe."""
+    from vlaopt.bench import heldout as held
     from vlaopt.model.checkpoint import weight_size
+    from vlaopt.model.vla import resolve_model_dir
     from vlaopt.optimize import apply, load, load_recipe
 
     recipe = load_recipe(args.recipe)
     model = load(args.model)
     before = weight_size(model)
-    apply(model, recipe)
+    demos = held.for_model(resolve_model_dir(args.model), args.data, model.config.chunk)
+    apply(model, recipe, calibration=None if demos is None else demos.batches(8))
     model.save_pretrained(args.out)
     after = weight_size(model)
     console = Console()
@@ -142,7 +146,7 @@ def _bench(args: argparse.Namespace) -> int:
         from vlaopt.eval.closed_loop import EvalConfig
         from vlaopt.sim.tasks import resolve_tasks
 
-        tasks = args.tasks or ("default" if args.model == "default" else None)
+        tasks = args.tasks or BUNDLED_TASKS.get(args.model)
         if tasks is None:
             raise UsageError(f"--success needs --tasks (MetaWorld tasks to run) for model {args.model}")
         success = (resolve_tasks(tasks), EvalConfig(episodes=args.episodes, execute=args.execute, seed=args.seed,
@@ -218,6 +222,43 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    """Per-task and overall paired comparison of two evaluations' episodes."""
+    from vlaopt.eval.paired import compare_episodes
+    from vlaopt.utils.files import read_json
+    from vlaopt.utils.io import atomic_write_text
+
+    runs = [read_json(path, "eval result") for path in (args.base, args.other)]
+    for path, run in zip((args.base, args.other), runs, strict=True):
+        if not isinstance(run, dict) or not isinstance(run.get("episodes"), list):
+            raise UsageError(f"{path} has no 'episodes' list; expected a file written by vla-opt eval --json")
+    base, other = (run["episodes"] for run in runs)
+    tasks = list(dict.fromkeys(e["task"] for e in base if any(o["task"] == e["task"] for o in other)))
+    rows = {t: compare_episodes([e for e in base if e["task"] == t], [e for e in other if e["task"] == t])
+            for t in tasks}
+    rows["overall"] = compare_episodes(base, other)
+    table = Table(title=f"paired success of {args.other} against {args.base}",
+                  caption="b: only the base succeeded, c: only the other; p: exact McNemar; CI: paired bootstrap")
+    for col in ("task", "n", "base", "other", "diff", "95% CI", "b", "c", "p"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for name, c in rows.items():
+        table.add_row(name, str(c.episodes), f"{c.base_successes / c.episodes:.1%}",
+                      f"{c.other_successes / c.episodes:.1%}", f"{c.diff:+.1%}",
+                      f"{c.diff_ci95[0]:+.1%}..{c.diff_ci95[1]:+.1%}", str(c.only_base), str(c.only_other),
+                      f"{c.p_mcnemar:.3g}")
+    Console().print(table)
+    if args.json:
+        atomic_write_text(args.json, json.dumps({"base": args.base, "other": args.other,
+                                                 "rows": {k: v.to_dict() for k, v in rows.items()}}, indent=1))
+        Console().print(f"wrote {args.json}")
+    return 0
+
+
+MODEL_HELP = "directory written by save_pretrained, or a bundled policy: 'default' or 'medium'"
+BUNDLED_TASKS = {"default": "default", "medium": "mt10"}
+"""The task set each bundled policy was trained on: what `bench --success` runs when no --tasks is given."""
+
+
 class UsageError(ValueError):
     """A command-line request that cannot be carried out as given (printed as one line, exit status 2)."""
 
@@ -255,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=int, default=1, help="torch threads for the timing (0: torch's default)")
     demo.set_defaults(func=_demo)
     opt = sub.add_parser("optimize", help="apply a recipe (YAML list of steps) to a saved model")
-    opt.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
+    opt.add_argument("--model", required=True, help=MODEL_HELP)
+    opt.add_argument("--data", help="collection folder whose validation episodes the data-driven steps calibrate on "
+                                    "(default: the model's heldout.npz, when it has one)")
     opt.add_argument("--recipe", required=True, help="YAML file, e.g. '- token_pruning: {method: fastv, keep: 0.25}'")
     opt.add_argument("--out", required=True,
                      help="directory for the optimized model; may be --model itself: only the model's files are "
@@ -264,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
-    bench.add_argument("--model", default="default", help="model directory, or 'default' (the bundled policy)")
+    bench.add_argument("--model", default="medium",
+                       help="model directory, or a bundled policy: 'medium' (MT10) or 'default' (tiny, six tasks)")
     bench.add_argument("--recipes", nargs="+", help="recipe YAML files (each one recipe, named by its file stem)")
     bench.add_argument("--quick", action="store_true",
                        help="three recipes, 5 rounds, 16 of the held-out samples: seconds, a first look only")
@@ -280,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default="bench.json", help="file name of the JSON result inside --out")
     bench.add_argument("--wide", action="store_true", help="print every column (bench.md always has them all)")
     bench.add_argument("--success", action="store_true", help="add closed-loop success (vla-opt eval) per recipe")
-    bench.add_argument("--tasks", help="tasks for --success (default for the bundled policy: its six tasks)")
+    bench.add_argument("--tasks", help="tasks for --success (default for a bundled policy: the tasks it was trained on)")
     bench.add_argument("--episodes", type=int, default=10, help="--success episodes per task")
     bench.add_argument("--execute", type=int, help="--success: actions executed per chunk (default: all)")
     bench.add_argument("--workers", type=int, default=2, help="--success: parallel processes (0: this one)")
@@ -302,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="behaviour-clone a VLA on collected demonstrations")
     tr.add_argument("--data", required=True, help="collection folder written by `vla-opt collect`")
     tr.add_argument("--config", help="VLAConfig as YAML or JSON (a new model)")
-    tr.add_argument("--init", help="fine-tune this saved model (a directory, or 'default') instead of --config")
+    tr.add_argument("--init", help="fine-tune this saved model (a directory, or 'default' / 'medium') instead of --config")
     tr.add_argument("--out", required=True,
                     help="run folder: the model, heldout.npz, and checkpoints/step-*/ (model + trainer state); "
                          "rerun to resume from its newest checkpoint")
@@ -329,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start over: discard the checkpoints in --out and overwrite its model (other files stay)")
     tr.set_defaults(func=_train)
     ev = sub.add_parser("eval", help="closed-loop success on MetaWorld tasks; open-loop action error on demos")
-    ev.add_argument("--model", required=True, help="directory written by save_pretrained, or 'default'")
+    ev.add_argument("--model", required=True, help=MODEL_HELP)
     ev.add_argument("--tasks", help="mt10, mt50, default (the default policy's six), a task, or a comma list (closed loop)")
     ev.add_argument("--episodes", type=int, default=20, help="episodes per task")
     ev.add_argument("--execute", type=int, help="actions executed per predicted chunk (default: the whole chunk)")
@@ -345,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--val-fraction", type=float, default=0.1, help="val split of --data, as in vla-opt train")
     ev.add_argument("--split-seed", type=int, default=0, help="split seed of --data (vla-opt train's --seed)")
     ev.set_defaults(func=_eval)
+    cmp = sub.add_parser("compare", help="paired success difference of two `vla-opt eval --json` results "
+                                         "(same initial states): exact McNemar and a paired bootstrap interval")
+    cmp.add_argument("base", help="the baseline's eval JSON")
+    cmp.add_argument("other", help="the compared model's eval JSON (evaluated with the same --seed)")
+    cmp.add_argument("--json", help="also write the comparison (per task and overall) to this file")
+    cmp.set_defaults(func=_compare)
     return parser
 
 

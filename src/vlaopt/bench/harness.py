@@ -26,6 +26,7 @@ import torch
 from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import machine_info, matmul_throughput
 from vlaopt.bench.stages import summarize, time_interleaved
+from vlaopt.eval.paired import compare_episodes
 from vlaopt.model.checkpoint import weight_size
 from vlaopt.model.processor import Observation
 from vlaopt.optimize import apply, calibration
@@ -224,6 +225,9 @@ def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict
         if run.progress:
             print(f"closed-loop success of {name}")
         row["success"] = closed_loop_success(m, run.success[0], run.success[1], run.progress)
+        if baseline is not None and baseline[0].get("success"):
+            row["success"]["paired"] = compare_episodes(baseline[0]["success"]["episode_results"],
+                                                        row["success"]["episode_results"]).to_dict()
     row.update(_ratios(row, row if baseline is None else baseline[0]))
     return row, actions
 

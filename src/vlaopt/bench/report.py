@@ -41,6 +41,9 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("err vs demo", ("action_err_vs_demo",), "{:.4f}"),
     ("success", ("success", "overall"), "{:.1%}"),
     ("success 95% CI", ("success", "ci95"), "{0[0]:.0%}-{0[1]:.0%}"),
+    ("vs base (paired)", ("success", "paired", "diff"), "{:+.1%}"),
+    ("paired 95% CI", ("success", "paired", "diff_ci95"), "{0[0]:+.1%}..{0[1]:+.1%}"),
+    ("McNemar p", ("success", "paired", "p_mcnemar"), "{:.3f}"),
 ]
 
 

@@ -49,14 +49,17 @@ CONFIG_FILE, WEIGHTS_FILE, STATS_FILE = "config.json", "model.safetensors", "sta
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")  # what a fast tokenizer's save_pretrained writes
 MODEL_FILES = (CONFIG_FILE, WEIGHTS_FILE, STATS_FILE, *TOKENIZER_FILES)
 """The files `from_pretrained` needs; `save_pretrained` records them (and any other tokenizer file) in manifest.json."""
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
-"""The trained default policy shipped in the package (README, "The default policy")."""
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+BUNDLED_MODELS: dict[str, Path] = {"default": ASSETS_DIR / "default", "medium": ASSETS_DIR / "medium"}
+"""The policies trained here and shipped in the package, by name (README, "The default policy" and
+"The medium policy"): `default` is tiny (tests, --quick), `medium` is shaped like a deployed VLA."""
+DEFAULT_MODEL_DIR = BUNDLED_MODELS["default"]
 
 
 def resolve_model_dir(name: str | Path) -> Path:
-    """A model directory; the name "default" means the packaged default policy (use ./default for a
-    local folder of that name)."""
-    return DEFAULT_MODEL_DIR if str(name) == "default" else Path(name)
+    """A model directory; a bundled model's name ("default", "medium") means the packaged policy (use
+    ./default for a local folder of that name)."""
+    return BUNDLED_MODELS.get(str(name), Path(name))
 
 
 def step_names(recipe: list[dict[str, Any]]) -> str:
@@ -148,7 +151,7 @@ class VLA(nn.Module):
         cls, directory: str | Path, device: str | torch.device = "cpu",
         rebuild: Callable[[VLA, list[dict[str, Any]]], None] | None = None,
     ) -> VLA:
-        """Load a model written by `save_pretrained`; "default" loads the packaged default policy.
+        """Load a model written by `save_pretrained`; a bundled model's name ("default", "medium") loads it.
 
         An optimized model (its config records a recipe) needs `rebuild`, which re-creates the recipe's
         structure before the weights load: use `vlaopt.load`, which passes the recipe registry's. A
