@@ -55,7 +55,8 @@ class PairedComparison:
     diff_ci95: tuple[float, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The comparison as JSON values (the interval as a list, as it reads back from JSON)."""
+        return {**asdict(self), "diff_ci95": list(self.diff_ci95)}
 
 
 def _outcomes(episodes: Sequence[dict[str, Any]], label: str) -> dict[tuple[str, int], tuple[int, bool]]:
