@@ -9,6 +9,7 @@ import torch
 
 from vlaopt import VLA, VLAConfig
 from vlaopt.bench.flops import FlopRecorder
+from vlaopt.cli import BUNDLED_TASKS
 from vlaopt.model.vla import ASSETS_DIR, BUNDLED_MODELS, resolve_model_dir
 from vlaopt.sim.tasks import INSTRUCTIONS, TASK_SETS
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bundled_names_resolve_and_local_folders_win_with_a_path() -> None:
     assert resolve_model_dir("medium") == ASSETS_DIR / "medium" and resolve_model_dir("default") == ASSETS_DIR / "default"
     assert resolve_model_dir("./medium") == Path("./medium")
+    assert set(BUNDLED_TASKS) == set(BUNDLED_MODELS)  # bench --success knows each bundled policy's tasks
     for name, directory in BUNDLED_MODELS.items():
         assert (directory / "model.safetensors").is_file() and (directory / "heldout.npz").is_file(), name
 

@@ -111,3 +111,18 @@ def test_every_option_states_its_default():
             assert action.help, f"vla-opt {name} {action.option_strings[0]} has no help"
             text = formatter._get_help_string(action)
             assert action.required or "(default" in text, f"vla-opt {name} {action.option_strings[0]}: {text!r}"
+
+
+def test_optimize_reads_heldout_demos_only_for_a_data_driven_step(tmp_path, capsys):
+    """int8 uses no data: a damaged heldout.npz beside the model is not read; ShortGPT reads it and
+    gets one error naming the file."""
+    VLA.default().save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / HELDOUT_FILE).write_bytes(b"not an npz")
+    (tmp_path / "q.yaml").write_text("- quantize: {method: int8}\n")
+    (tmp_path / "s.yaml").write_text("- layer_pruning: {method: shortgpt, n: 1}\n")
+    assert main(["optimize", "--model", str(tmp_path / "m"), "--recipe", str(tmp_path / "q.yaml"),
+                 "--out", str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["optimize", "--model", str(tmp_path / "m"), "--recipe", str(tmp_path / "s.yaml"),
+                 "--out", str(tmp_path / "s")]) == 2
+    assert f"held-out demonstrations {tmp_path / 'm' / HELDOUT_FILE} cannot be read" in capsys.readouterr().err

@@ -59,8 +59,8 @@ def _optimize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     model = load(args.model)
     before = weight_size(model)
-    demos = held.for_model(resolve_model_dir(args.model), args.data, model.config.chunk)
-    apply(model, recipe, calibration=None if demos is None else demos.batches(8))
+    apply(model, recipe, calibration=held.CalibrationBatches.of(resolve_model_dir(args.model), args.data,
+                                                                model.config.chunk))
     model.save_pretrained(args.out)
     after = weight_size(model)
     console = Console()
@@ -233,7 +233,8 @@ def _compare(args: argparse.Namespace) -> int:
         if not isinstance(run, dict) or not isinstance(run.get("episodes"), list):
             raise UsageError(f"{path} has no 'episodes' list; expected a file written by vla-opt eval --json")
     base, other = (run["episodes"] for run in runs)
-    tasks = list(dict.fromkeys(e["task"] for e in base if any(o["task"] == e["task"] for o in other)))
+    other_tasks = {e["task"] for e in other}
+    tasks = list(dict.fromkeys(e["task"] for e in base if e["task"] in other_tasks))
     rows = {t: compare_episodes([e for e in base if e["task"] == t], [e for e in other if e["task"] == t])
             for t in tasks}
     rows["overall"] = compare_episodes(base, other)
@@ -246,11 +247,12 @@ def _compare(args: argparse.Namespace) -> int:
                       f"{c.other_successes / c.episodes:.1%}", f"{c.diff:+.1%}",
                       f"{c.diff_ci95[0]:+.1%}..{c.diff_ci95[1]:+.1%}", str(c.only_base), str(c.only_other),
                       f"{c.p_mcnemar:.3g}")
-    Console().print(table)
+    console = Console()
+    console.print(table)
     if args.json:
         atomic_write_text(args.json, json.dumps({"base": args.base, "other": args.other,
                                                  "rows": {k: v.to_dict() for k, v in rows.items()}}, indent=1))
-        Console().print(f"wrote {args.json}")
+        console.print(f"wrote {args.json}")
     return 0
 
 

@@ -4,6 +4,7 @@ from the validation split it held out, so a trained model carries demonstrations
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,26 @@ def for_model(model_dir: str | Path, data: str | Path | None, chunk: int,
     return load_npz(path).spread(n) if path.is_file() else None
 
 
+class CalibrationBatches:
+    """`for_model`'s demonstrations as calibration batches of `size`, read on first iteration, so a
+    recipe without a data-driven step never reads them (`vla-opt optimize`); `of` gives None when the
+    model has none (a data-driven step then names the ways to give it data)."""
+
+    def __init__(self, model_dir: str | Path, data: str | Path | None, chunk: int, size: int = 8) -> None:
+        self.model_dir, self.data, self.chunk, self.size = model_dir, data, chunk, size
+        self._batches: list[Demonstrations] | None = None
+
+    @classmethod
+    def of(cls, model_dir: str | Path, data: str | Path | None, chunk: int) -> CalibrationBatches | None:
+        return cls(model_dir, data, chunk) if data is not None or (Path(model_dir) / HELDOUT_FILE).is_file() else None
+
+    def __iter__(self) -> Iterator[Demonstrations]:
+        if self._batches is None:
+            demos = for_model(self.model_dir, self.data, self.chunk)
+            self._batches = [] if demos is None else demos.batches(self.size)
+        return iter(self._batches)
+
+
 def save_npz(obs: Demonstrations, path: str | Path) -> None:
     """Store held-out samples (e.g. beside a shipped model), atomically."""
     arrays = {"images": obs.images.numpy(), "instructions": np.array(obs.instructions), "actions": obs.actions.numpy()}
@@ -56,11 +77,15 @@ def save_npz(obs: Demonstrations, path: str | Path) -> None:
 
 
 def load_npz(path: str | Path) -> Demonstrations:
-    """Read held-out samples written by `save_npz`."""
-    with np.load(path) as f:
-        return Demonstrations(
-            images=torch.from_numpy(f["images"]),
-            instructions=[str(s) for s in f["instructions"]],
-            proprio=torch.from_numpy(f["proprio"]) if "proprio" in f else None,
-            actions=torch.from_numpy(f["actions"]),
-        )
+    """Read held-out samples written by `save_npz`; a damaged or foreign file raises one error naming it."""
+    try:
+        with np.load(path) as f:
+            return Demonstrations(
+                images=torch.from_numpy(f["images"]),
+                instructions=[str(s) for s in f["instructions"]],
+                proprio=torch.from_numpy(f["proprio"]) if "proprio" in f else None,
+                actions=torch.from_numpy(f["actions"]),
+            )
+    except (OSError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"held-out demonstrations {path} cannot be read (damaged, or not written by "
+                         f"vla-opt train?): {error}") from None
