@@ -135,7 +135,7 @@ def _bench(args: argparse.Namespace) -> int:
     """Measure recipes side by side on one model: stage latency, FLOPs, tokens, action error, success."""
     from vlaopt.bench import heldout as held
     from vlaopt.bench.harness import BenchConfig, random_observations, run_bench
-    from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files
+    from vlaopt.bench.recipes import DEFAULT_RECIPES, QUICK_RECIPES, recipes_from_files, with_compiled
     from vlaopt.bench.report import to_table, write_outputs, write_results
     from vlaopt.model.vla import resolve_model_dir
     from vlaopt.optimize import load
@@ -158,6 +158,8 @@ def _bench(args: argparse.Namespace) -> int:
         recipes = {k: DEFAULT_RECIPES[k] for k in QUICK_RECIPES}
     else:
         recipes = DEFAULT_RECIPES
+    if args.compile:
+        recipes = with_compiled(recipes)
     threads = args.threads if args.threads is not None else (1 if model.device.type == "cpu" else 0)
     cfg = BenchConfig(batch=args.batch, repeats=args.repeats or (5 if args.quick else 15), threads=threads,
                       warmup=1 if args.quick else 3, eval_samples=16 if args.quick else held.HELDOUT_SAMPLES)
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default="bench.json", help="file name of the JSON result inside --out")
     bench.add_argument("--wide", action="store_true", help="print every column (bench.md always has them all)")
     bench.add_argument("--success", action="store_true", help="add closed-loop success (vla-opt eval) per recipe")
+    bench.add_argument("--compile", action="store_true",
+                       help="also measure each recipe compiled (its twin `<name>+compile` ends in `- compile: {}`: "
+                            "inductor, static shapes; the first call compiles) (default: off)")
     bench.add_argument("--tasks", help="tasks for --success (default for a bundled policy: the tasks it was trained on)")
     bench.add_argument("--episodes", type=int, default=10, help="--success episodes per task")
     bench.add_argument("--execute", type=int, help="--success: actions executed per chunk (default: all)")

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 # Stages in pipeline order: OFT-style heads run "lm" then "head"; expert heads run the VLM as a cached
 # "prefix", optionally decode "reasoning", then "flow" steps (or an autoregressive "trajectory").
 STAGES = ("inputs", "vision", "projector", "lm", "prefix", "reasoning", "head", "flow", "trajectory")
+NETWORK = "network"
+"""The stage of a compiled model (the compile step): everything after `inputs`, as one compiled call."""
 
 
 @dataclass
@@ -140,6 +142,16 @@ def _threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def _eager(model: VLA) -> Iterator[None]:
+    """Run `model` without its runner (a compiled model as eager) inside the block."""
+    runner, model.runner = model.runner, None
+    try:
+        yield
+    finally:
+        model.runner = runner
+
+
 @dataclass
 class _Run:
     """What every recipe's measurement shares: the timing batch, the quality inputs, the device's peak."""
@@ -196,7 +208,9 @@ def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict
     the `baseline` row and actions; None when this is the baseline) and its actions on the quality inputs."""
     stats = summarize(samples)
     flops = FlopRecorder()
-    run.predict(m, timer=flops)
+    with _eager(m):  # the same arithmetic as the compiled network, counted stage by stage
+        run.predict(m, timer=flops)
+    flops.flops[NETWORK] = sum(v for k, v in flops.flops.items() if k in STAGES and k != "inputs")
     actions = _predict_all(m, run.quality)
     base_actions = actions if baseline is None else baseline[1]
     tokens_in, tokens_out = _visual_tokens(m, run.batch)
@@ -221,6 +235,8 @@ def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict
         k: (row["gflops"][k] * 1e9 / (row["ms"][k] / 1e3)) / run.peak for k in row["gflops"] if row["ms"].get(k)
     }
     row["peak_mb"] = _peak_memory(m, run)
+    if m.runner is not None:
+        row["compile"] = m.runner.stats()
     if run.success is not None:
         if run.progress:
             print(f"closed-loop success of {name}")
@@ -244,11 +260,11 @@ def _peak_memory(m: Any, run: _Run) -> float | None:
 def _ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """Speedups and FLOP ratio against the baseline row, and whether the p25-p75 spreads of the total
     overlap (then the speedup cannot be told from timing noise; None for the baseline itself)."""
-    lm = "lm" if "lm" in row["ms"] else "prefix"  # expert heads run the VLM as a cached prefix
+    lm = "lm" if "lm" in base["ms"] else "prefix"  # expert heads run the VLM as a cached prefix
     (lo, hi), (base_lo, base_hi) = row["total_spread_ms"], base["total_spread_ms"]
     return {
         "speedup_total": base["ms"]["total"] / row["ms"]["total"],
-        "speedup_lm": base["ms"][lm] / row["ms"][lm],
+        "speedup_lm": base["ms"][lm] / row["ms"][lm] if lm in row["ms"] else None,  # None: compiled as one stage
         "lm_flops_ratio": row["gflops"][lm] / base["gflops"][lm],
         "spread_overlaps_baseline": None if row is base else lo <= base_hi and base_lo <= hi,
     }

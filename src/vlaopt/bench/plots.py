@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
-from vlaopt.bench.harness import STAGES  # noqa: E402
+from vlaopt.bench.harness import NETWORK, STAGES  # noqa: E402
 from vlaopt.utils.io import atomic_write  # noqa: E402
 
 # Label offsets (points) tried in order around each point: nearest ring first, eight directions each.
@@ -120,12 +120,13 @@ def stages_figure(result: dict[str, Any]) -> Any:
     present, top of the stack first."""
     rows = measured(result)
     names = [r["recipe"] for r in rows]
-    stages = [s for s in STAGES if any(r["ms"].get(s, 0.0) > 0 for r in rows)]
+    order = (*STAGES, NETWORK)
+    stages = [s for s in order if any(r["ms"].get(s, 0.0) > 0 for r in rows)]
     fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(rows) + 3), 4.5))
     bottom = [0.0] * len(rows)
     for stage in stages:
         vals = [r["ms"].get(stage, 0.0) for r in rows]
-        ax.bar(names, vals, bottom=bottom, label=stage, color=f"C{STAGES.index(stage)}")  # a stage keeps its color
+        ax.bar(names, vals, bottom=bottom, label=stage, color=f"C{order.index(stage)}")  # a stage keeps its color
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.set_ylim(0, 1.1 * max(bottom, default=1.0))
     ax.set_ylabel("median ms")

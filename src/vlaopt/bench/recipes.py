@@ -28,6 +28,18 @@ DEFAULT_RECIPES: dict[str, list[dict[str, Any]]] = {
 }
 
 QUICK_RECIPES = ["baseline", "fastv-25", "pooling-25"]
+COMPILE_STEP: dict[str, Any] = {"compile": {}}
+"""What `vla-opt bench --compile` appends to each recipe for its compiled twin (inductor, static shapes)."""
+
+
+def with_compiled(recipes: dict[str, list[dict[str, Any]]], step: dict[str, Any] = COMPILE_STEP) -> dict[str, list[dict[str, Any]]]:
+    """Each recipe followed by its compiled twin, named `<name>+compile` (the baseline's is `compiled`)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, recipe in recipes.items():
+        out[name] = recipe
+        if not any("compile" in entry for entry in recipe):
+            out["compiled" if name == "baseline" else f"{name}+compile"] = [*recipe, step]
+    return out
 
 
 def recipes_from_files(paths: list[str]) -> dict[str, list[dict[str, Any]]]:

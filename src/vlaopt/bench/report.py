@@ -15,6 +15,7 @@ from vlaopt.utils.io import atomic_write_text
 # (column title, JSON path in a row, format)
 COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("recipe", ("recipe",), "{}"),
+    ("inputs ms", ("ms", "inputs"), "{:.2f}"),  # checks, tokenization, numpy -> torch: not compute
     ("vision ms", ("ms", "vision"), "{:.2f}"),
     ("proj ms", ("ms", "projector"), "{:.2f}"),
     ("lm ms", ("ms", "lm"), "{:.2f}"),
@@ -24,6 +25,10 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("reasoning ms", ("ms", "reasoning"), "{:.2f}"),
     ("flow ms", ("ms", "flow"), "{:.2f}"),
     ("trajectory ms", ("ms", "trajectory"), "{:.2f}"),
+    ("network ms", ("ms", "network"), "{:.2f}"),  # a compiled model: everything after inputs, one call
+    ("network % of peak", ("achieved_fraction", "network"), "{:.1%}"),
+    ("compiles", ("compile", "compiles"), "{}"),
+    ("first call s", ("compile", "first_call_s"), "{:.1f}"),
     ("total ms", ("ms", "total"), "{:.2f}"),
     ("p25-p75 ms", ("total_spread_ms",), "{0[0]:.2f}-{0[1]:.2f}"),
     ("speedup", ("speedup_total",), "{:.2f}x"),

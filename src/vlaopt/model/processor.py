@@ -9,6 +9,7 @@ network runs (an instruction too long for the LM's positions, too). The model th
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -18,6 +19,9 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from vlaopt.config import VLAConfig
+
+PROMPT_CACHE_SIZE = 1024
+"""Instructions whose prompt ids a `Processor` keeps (least recently used ones are dropped first)."""
 
 
 def prompt_text(instruction: str) -> str:
@@ -95,6 +99,7 @@ class Processor:
         self.pad_id = pad_id
         self.fixed_positions = fixed_positions
         self.max_positions = max_positions
+        self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
 
     def __call__(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None,
                  device: torch.device | str = "cpu") -> ModelInputs:
@@ -158,9 +163,23 @@ class Processor:
             raise ValueError(f"proprio contains a non-finite value at index {bad}: {proprio[tuple(bad)].item()}")
         return proprio
 
+    def tokens(self, instruction: str) -> list[int]:
+        """The prompt token ids of one instruction, cached: a closed-loop episode repeats its instruction at
+        every step, and tokenizing was most of the `inputs` stage (the cache keeps the newest
+        `PROMPT_CACHE_SIZE` instructions)."""
+        ids = self._prompt_cache.get(instruction)
+        if ids is None:
+            ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
+            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
+                self._prompt_cache.popitem(last=False)
+        else:
+            self._prompt_cache.move_to_end(instruction)
+        self._prompt_cache[instruction] = ids
+        return ids
+
     def prompt_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded prompt ids (B, L) and their validity; refuses a prompt the LM has no positions for."""
-        ids = [self.tokenizer(prompt_text(t), add_special_tokens=False)["input_ids"] for t in instructions]
+        ids = [self.tokens(t) for t in instructions]
         if self.max_positions is not None:
             room = self.max_positions - self.fixed_positions
             for i, x in enumerate(ids):

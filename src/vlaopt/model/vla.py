@@ -102,6 +102,8 @@ class VLA(nn.Module):
         self.policy: Policy = POLICIES.get(self.head.policy)()
         slots, stop = self.policy.suffix(self)
         fixed = 1 + config.num_visual_tokens + int(config.proprio_dim > 0) + slots + stop
+        self.runner: Callable[[ModelInputs, torch.Tensor | None, int], torch.Tensor] | None = None
+        """Runs `network(inputs, noise, seed)` in its place when set (a compiled copy: optimize/compile/)."""
         self.processor = Processor(config, self.tokenizer, self.pad_id, fixed,
                                    getattr(self.lm.causal_lm.config, "max_position_embeddings", None))
 
@@ -260,12 +262,22 @@ class VLA(nn.Module):
         Gaussian noise drawn with `seed`. A `StageTimer` records inputs / vision / projector / lm / head
         times (checking and tokenizing the inputs, encoders, the decoder with its pruning hooks, the
         action head); with the expert policy, lm / head become prefix / reasoning / flow (or trajectory).
+        A model with a `runner` (the compile step) runs `network` through it, timed as one stage `network`.
         """
         timer = timer or NULL_TIMER
         with timer.stage("inputs"):
             inputs = self.preprocess(images, instructions, proprio)
-        actions = self.policy.act(self, self.encode(inputs, timer), noise, seed, timer)
+        if self.runner is None:
+            actions = self.network(inputs, noise, seed, timer)
+        else:
+            with timer.stage("network"):
+                actions = self.runner(inputs, noise, seed)
         return self.action_norm.unnormalize(actions.float())
+
+    def network(self, inputs: ModelInputs, noise: torch.Tensor | None = None, seed: int = 0,
+                timer: Timer = NULL_TIMER) -> torch.Tensor:
+        """Normalized actions for checked inputs: encode, then the policy (everything after the processor)."""
+        return self.policy.act(self, self.encode(inputs, timer), noise, seed, timer)
 
     def compute_loss(
         self,

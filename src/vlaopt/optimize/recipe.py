@@ -129,6 +129,10 @@ def apply(model: VLA, recipe: str | Path | list[Any], calibration: Sequence[Any]
     spirit of torchao's `quantize_(model, Config)`; record them in `model.config.recipe`.
     `calibration` holds observation batches for steps that calibrate on data (`source: given`)."""
     for name, params in _entries(load_recipe(recipe)):
+        if model.runner is not None:
+            raise ValueError(f"recipe step {name} comes after compile, which must be the last step (a compiled graph "
+                             "would run the modules as they were); apply it before compile, or to the model "
+                             "saved without the compile step")
         params.pop("version", None)  # a recorded step may be applied again (e.g. copied from a config.json)
         resolved = STEPS.get(name)(calibration).apply(model, params)
         model.config.recipe.append({name: {**resolved, "version": FORMAT_VERSION}})

@@ -88,11 +88,19 @@ class Int8Linear(nn.Module):
             raise RuntimeError(
                 f"dynamic int8 runs on CPU only, but the input is on {x.device}; quantize with weight_only: true for GPUs"
             )
-        return torch.ops.quantized.linear_dynamic(x.float(), self._prepacked(), REDUCE_RANGE).to(x.dtype)
+        return _dynamic_product(self, x)
 
     def extra_repr(self) -> str:
         mode = "weight_only" if self.weight_only else "dynamic"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {mode}"
+
+
+@torch.compiler.disable
+def _dynamic_product(module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The dynamic int8 product, run eagerly under torch.compile: the prepacked weight is an opaque
+    object keyed by its tensors' addresses, which dynamo would guard per layer (and, sharing one code
+    object across layers, stop compiling after 8); the graph breaks here instead, once per int8 linear."""
+    return torch.ops.quantized.linear_dynamic(x.float(), module._prepacked(), REDUCE_RANGE).to(x.dtype)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

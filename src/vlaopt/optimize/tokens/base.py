@@ -59,12 +59,17 @@ def replace_visual(
     )
 
 
-def keep_visual(state: TokenState, keep: torch.Tensor) -> TokenState:
-    """Keep the visual tokens where `keep` (B, Nv) is True, in their original order."""
+def keep_visual(state: TokenState, keep: torch.Tensor, at_most: int | None = None) -> TokenState:
+    """Keep the visual tokens where `keep` (B, Nv) is True, in their original order.
+
+    `at_most` is a bound on the tokens any sample keeps that the pruner knows in advance (its top-k):
+    the segment then has that fixed length, with padding wherever a sample keeps fewer (possible only
+    after an earlier pruner padded), so no count is read back from the tensors and torch.compile
+    traces one graph. Without it (LightVLA's votes) the length is the largest count in the batch."""
     span = state.layout.span("visual")
     keep = keep & state.valid[:, span]
     counts = keep.sum(1)
-    k = int(counts.max().item())
+    k = int(counts.max().item()) if at_most is None else at_most
     # stable sort brings kept tokens to the front without reordering them
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
     hidden = state.hidden[:, span].gather(1, order[..., None].expand(-1, -1, state.hidden.shape[-1]))

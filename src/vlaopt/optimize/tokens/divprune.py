@@ -84,4 +84,4 @@ class DivPrune(TokenPruner):
     def forward(self, state: TokenState) -> TokenState:
         span = state.layout.span("visual")
         k = keep_count(state.layout.visual, self.cfg.keep)
-        return keep_visual(state, max_min_select(state.hidden[:, span], state.valid[:, span], k, self.cfg.first))
+        return keep_visual(state, max_min_select(state.hidden[:, span], state.valid[:, span], k, self.cfg.first), k)

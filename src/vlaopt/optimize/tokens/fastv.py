@@ -95,4 +95,5 @@ class FastVPruner(TokenPruner):
                 f"of layer {self.layer - 1}, but found {got}: run it in the LM's layer loop, first among the hooks "
                 "at its layer")
         scores = scores.masked_fill(~state.valid[:, span], -1.0)
-        return keep_visual(state, top_k_mask(scores, keep_count(layout.visual, self.cfg.keep)))
+        k = keep_count(layout.visual, self.cfg.keep)
+        return keep_visual(state, top_k_mask(scores, k), k)
