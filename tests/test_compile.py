@@ -25,6 +25,7 @@ PRUNERS = {
     "divprune": {"method": "divprune", "keep": 0.5},
     "random": {"method": "random", "keep": 0.5},
     "lightvla": {"method": "lightvla"},
+    "lightvla-fixed": {"method": "lightvla", "keep": 0.25},
 }
 AOT = {"compile": {"backend": "aot_eager"}}
 
@@ -84,6 +85,25 @@ def test_a_new_shape_is_a_counted_recompile():
     assert compiled.runner.stats()["recompiled_calls"] == 1
 
 
+def test_prompts_padded_to_a_multiple_share_a_graph_and_keep_the_actions():
+    """Instructions of different lengths within one multiple of 64 tokens replay one graph; padding is
+    masked, so actions equal the eager model's (which pads nothing); without padding, each recompiles."""
+    eager = _model("l1")
+    images, _, proprio = observations(eager.config, 1)
+    bucketed = _compiled_twin(eager, {"compile": {"backend": "aot_eager", "prompt_multiple": 64}})
+    exact = _compiled_twin(eager, {"compile": {"backend": "aot_eager", "prompt_multiple": 1}})
+    lengths = set()
+    for text in ["open it", "close the drawer", "push the button"]:
+        ids, _ = bucketed.processor.prompt_ids([text])
+        lengths.add(ids.shape[1])
+        for compiled in (bucketed, exact):
+            torch.testing.assert_close(compiled.predict_action(images, [text], proprio),
+                                       eager.predict_action(images, [text], proprio), atol=1e-5, rtol=0)
+    assert lengths == {64}
+    assert bucketed.runner.compiles == 1 and bucketed.runner.recompiled_calls == 0
+    assert exact.runner.recompiled_calls == 2
+
+
 def test_inductor_compiles_the_whole_network_in_one_graph():
     eager = _model("l1", [{"token_pruning": PRUNERS["pooling"]}])
     compiled = _compiled_twin(eager, {"compile": {}})  # defaults: inductor, static shapes
@@ -126,6 +146,8 @@ def test_steps_after_compile_and_bad_options_are_refused():
         CompileConfig(mode="fast")
     with pytest.raises(ValueError, match=r"^compile mode='max-autotune' is an inductor mode, but backend='eager'"):
         CompileConfig(backend="eager", mode="max-autotune")
+    with pytest.raises(ValueError, match=r"^compile prompt_multiple=0 must be a positive integer \(1: no padding\)"):
+        CompileConfig(prompt_multiple=0)
     with pytest.raises(ValueError, match=r"^compile: unknown parameter\(s\) \['graphs'\]"):
         apply(_model(), [{"compile": {"graphs": 1}}])
 

@@ -3,6 +3,7 @@ layers, and that we call them without deprecated arguments (pins the calling con
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import observations
 from transformers import DynamicCache
 
 from vlaopt import VLA, VLAConfig
+from vlaopt.config import LMConfig
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.language import LayerLoop, call_layer
 
@@ -67,3 +69,33 @@ def test_the_loop_yields_each_layer_input_before_running_it():
         attended = layer.self_attn(layer.input_layernorm(layer0), position_embeddings=inp.rotary,
                                    attention_mask=inp.mask)[0]
     torch.testing.assert_close(seen[1], layer0 + attended, atol=1e-6, rtol=0)  # the MLP adds nothing now
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotary_tables_gathered_from_the_cache_equal_transformers_own(family):
+    """The cached table gives bit-identical cos/sin, at contiguous and at pruned (gapped) positions."""
+    model = VLA(VLAConfig.tiny(lm=family, cameras=2, proprio_dim=3)).eval()
+    state = model.lm_input(*observations(model.config, 2))
+    gapped = state.position_ids[:, ::3]
+    for positions in (state.position_ids, gapped, gapped + 5):
+        state.position_ids = positions
+        state.hidden = state.hidden[:, : positions.shape[1]]
+        expected = model.lm.decoder.rotary_emb(state.hidden, position_ids=positions)
+        for got, want in zip(model.lm.rotary(state), expected, strict=True):
+            assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_the_cached_attention_mask_equals_the_mask_built_row_by_row(bidirectional):
+    model = VLA(VLAConfig.tiny(cameras=2, proprio_dim=3)).eval()
+    state = model.lm_input(*observations(model.config, 3))  # prompts of different lengths: padding
+    state.bidirectional_actions = bidirectional
+    rows = torch.arange(state.hidden.shape[1])
+    for _ in range(2):  # built, then from the cache
+        assert torch.equal(state.attention_mask(), state.attention_mask(rows))
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    missing = tmp_path / "absent.gguf"
+    with pytest.raises(FileNotFoundError, match=rf"^lm.pretrained='{missing}': no such GGUF file"):
+        VLA(dataclasses.replace(VLAConfig.tiny(), lm=LMConfig(pretrained=str(missing))))

@@ -103,6 +103,28 @@ def test_lightvla_keeps_exactly_the_union_of_votes():
         assert vis_pos[b, : kept[b]].tolist() == (torch.unique(votes[b]) + 1).tolist()
 
 
+@pytest.mark.parametrize("keep", [0.1, 0.5, 0.9])
+def test_lightvla_fixed_count_keeps_the_most_voted_patches(keep):
+    """keep < 1: every sample keeps the same k patches, ranked (brute force here) by votes, then by the
+    highest score any patch gives them; the union of votes is inside the kept set whenever it fits."""
+    model = _model(recipe=[{"token_pruning": {"method": "lightvla", "keep": keep}}])
+    pruner = model.lm.hooks[0]
+    state = _encoded(model)
+    scores = pruner._scores(state)
+    n = state.layout.visual
+    k = max(1, round(n * keep))
+    out = pruner(state)
+    assert out.layout.visual == k and bool(out.valid[:, out.layout.span("visual")].all())
+    for b in range(scores.shape[0]):
+        votes = scores[b].argmax(-1).tolist()
+        best = scores[b].max(0).values.tolist()
+        ranked = sorted(range(n), key=lambda j: (votes.count(j), best[j]), reverse=True)
+        expected = sorted(ranked[:k])
+        assert (out.position_ids[b, out.layout.span("visual")] - 1).tolist() == expected
+        if len(set(votes)) <= k:
+            assert set(votes) <= set(expected)
+
+
 def test_lightvla_scores_equal_their_definition():
     """The factored scores equal the seed's definition: rms-normed patches attend to the rms-normed
     task tokens, the result is rms-normed and scored against every normed patch, over sqrt(D)."""

@@ -72,8 +72,8 @@ class VisionConfig:
 class LMConfig:
     """A decoder-only causal LM from `transformers`, as the HF config dict it is built from.
 
-    `pretrained` names a local HF directory whose weights (and tokenizer) seed a fresh VLA; a saved
-    VLA stores the full `hf_config` so it reloads without that directory.
+    `pretrained` names a local HF directory or a `.gguf` file (dequantized to float32) whose weights (and
+    tokenizer) seed a fresh VLA; a saved VLA stores the full `hf_config` so it reloads without them.
     """
 
     hf_config: dict[str, Any] = field(default_factory=dict)
@@ -81,7 +81,8 @@ class LMConfig:
 
     def __post_init__(self) -> None:
         if not self.hf_config and self.pretrained is None:
-            raise ValueError("lm needs either hf_config (a transformers config dict) or pretrained (a local directory)")
+            raise ValueError("lm needs either hf_config (a transformers config dict) or pretrained (a local directory "
+                             "or .gguf file)")
         if self.hf_config and "model_type" not in self.hf_config:
             raise ValueError(f"lm.hf_config must contain 'model_type'; got keys {sorted(self.hf_config)}")
 

@@ -32,13 +32,13 @@ COMPILE_STEP: dict[str, Any] = {"compile": {}}
 """What `vla-opt bench --compile` appends to each recipe for its compiled twin (inductor, static shapes)."""
 
 
-def with_compiled(recipes: dict[str, list[dict[str, Any]]], step: dict[str, Any] = COMPILE_STEP) -> dict[str, list[dict[str, Any]]]:
+def with_compiled(recipes: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """Each recipe followed by its compiled twin, named `<name>+compile` (the baseline's is `compiled`)."""
     out: dict[str, list[dict[str, Any]]] = {}
     for name, recipe in recipes.items():
         out[name] = recipe
         if not any("compile" in entry for entry in recipe):
-            out["compiled" if name == "baseline" else f"{name}+compile"] = [*recipe, step]
+            out["compiled" if name == "baseline" else f"{name}+compile"] = [*recipe, COMPILE_STEP]
     return out
 
 

@@ -36,6 +36,8 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("lm GFLOPs", ("gflops", "lm"), "{:.3f}"),
     ("lm FLOPs ratio", ("lm_flops_ratio",), "{:.3f}"),
     ("lm % of peak", ("achieved_fraction", "lm"), "{:.1%}"),
+    ("vision % of peak", ("achieved_fraction", "vision"), "{:.1%}"),
+    ("head % of peak", ("achieved_fraction", "head"), "{:.1%}"),
     ("prefix GFLOPs", ("gflops", "prefix"), "{:.3f}"),
     ("flow GFLOPs", ("gflops", "flow"), "{:.3f}"),
     ("prefix % of peak", ("achieved_fraction", "prefix"), "{:.1%}"),

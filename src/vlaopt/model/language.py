@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -25,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from vlaopt.config import LMConfig
 from vlaopt.model.hooks import LayerHook
 from vlaopt.model.kv_cache import KVCache
-from vlaopt.model.layout import TokenState
+from vlaopt.model.layout import Layout, TokenState
 from vlaopt.utils.timer import NULL_TIMER, Timer
 
 ATTENTION = "vlaopt_sdpa"
@@ -50,24 +51,51 @@ def _sdpa_with_probe(
 AttentionInterface.register(ATTENTION, _sdpa_with_probe)
 
 
+def pretrained_source(path: str) -> tuple[Path, dict[str, Any]]:
+    """Where transformers reads a pretrained LM from: a local HF directory, or a `.gguf` file (its folder
+    and `gguf_file=`, which transformers dequantizes to float with the `gguf` package)."""
+    p = Path(path)
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise FileNotFoundError(f"lm.pretrained={path!r}: no such GGUF file")
+        return p.parent, {"gguf_file": p.name}
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"lm.pretrained={path!r} is not a local HF model directory (no config.json) "
+                                "nor a .gguf file")
+    return p, {}
+
+
+def _plain(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` without the GGUF `quantization_config` transformers attaches (the weights are float once
+    loaded, and a config carrying it can neither be saved nor rebuilt without the file)."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def build_hf_config(cfg: LMConfig) -> PretrainedConfig:
-    """The HF config of the LM: from `hf_config`, else from the `pretrained` directory."""
+    """The HF config of the LM: from `hf_config`, else from the `pretrained` directory or GGUF file."""
     if cfg.hf_config:
         data = dict(cfg.hf_config)
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    path = Path(cfg.pretrained or "")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"lm.pretrained={cfg.pretrained!r} is not a local HF model directory (no config.json)")
-    return AutoConfig.from_pretrained(path, local_files_only=True)
+    where, kwargs = pretrained_source(cfg.pretrained or "")
+    return _plain(AutoConfig.from_pretrained(where, local_files_only=True, **kwargs))
 
 
 def build_causal_lm(cfg: LMConfig, load_weights: bool) -> PreTrainedModel:
-    """Instantiate the causal LM with SDPA attention (with probes); weights from `pretrained` when asked."""
-    if load_weights and cfg.pretrained:
-        return AutoModelForCausalLM.from_pretrained(
-            cfg.pretrained, local_files_only=True, attn_implementation=ATTENTION, dtype=torch.float32
-        )
-    return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation=ATTENTION)
+    """Instantiate the causal LM with SDPA attention (with probes); weights from `pretrained` when asked.
+    A GGUF LM is rebuilt as a plain float32 model holding the dequantized weights, so it saves and
+    reloads like any other."""
+    if not (load_weights and cfg.pretrained):
+        return AutoModelForCausalLM.from_config(build_hf_config(cfg), attn_implementation=ATTENTION)
+    where, kwargs = pretrained_source(cfg.pretrained)
+    model = AutoModelForCausalLM.from_pretrained(where, local_files_only=True, attn_implementation=ATTENTION,
+                                                 dtype=torch.float32, **kwargs)
+    if not kwargs:
+        return model
+    plain = AutoModelForCausalLM.from_config(_plain(model.config), attn_implementation=ATTENTION)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    return plain
 
 
 def attention_of(layer: nn.Module) -> nn.Module | None:
@@ -128,7 +156,7 @@ class LayerLoop:
     def __iter__(self) -> Iterator[LayerInput]:
         decoder = self.lm.decoder
         state = self.state
-        mask, rotary = state.attention_mask(), decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+        mask, rotary = state.attention_mask(), self.lm.rotary(state)
         for i, layer in enumerate(decoder.layers):
             at_layer = [hook for hook in self.hooks if hook.layer == i]
             if at_layer:
@@ -136,7 +164,7 @@ class LayerLoop:
                     for hook in at_layer:
                         state = hook(state)
                     mask = state.attention_mask()
-                    rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
+                    rotary = self.lm.rotary(state)
                 self.state = state
             yield LayerInput(i, state, mask, rotary)
             attention = attention_of(layer)
@@ -179,6 +207,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.causal_lm = causal_lm
         self.hooks = nn.ModuleList()
+        self._rotary_table: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def decoder(self) -> nn.Module:
@@ -198,9 +227,43 @@ class LanguageModel(nn.Module):
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.causal_lm.get_output_embeddings()(hidden)
 
+    def rotary(self, state: TokenState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary (cos, sin) tables at the state's position ids. For a RoPE whose frequencies do not
+        depend on the sequence (every type but dynamic and longrope) they are gathered from a table
+        computed once for positions 0..max (the same values: each entry is one product); eagerly only,
+        since a compiled graph fuses the computation anyway."""
+        rotary_emb = self.decoder.rotary_emb
+        rope_type = getattr(rotary_emb, "rope_type", None)
+        positions = state.position_ids
+        if (torch.compiler.is_compiling() or not isinstance(rope_type, str) or "dynamic" in rope_type
+                or rope_type == "longrope"):
+            return rotary_emb(state.hidden, position_ids=positions)
+        x = state.hidden
+        key = (x.device, x.dtype, rotary_emb.inv_freq.data_ptr())
+        needed = int(positions.max()) + 1
+        if self._rotary_table is None or self._rotary_table[0] != key or len(self._rotary_table[1]) < needed:
+            length = max(needed, getattr(self.causal_lm.config, "max_position_embeddings", 0) or 0)
+            all_positions = torch.arange(length, device=x.device)[None]
+            cos, sin = rotary_emb(x[:1, :1], position_ids=all_positions)
+            self._rotary_table = (key, cos[0], sin[0])
+        _, cos, sin = self._rotary_table
+        return F.embedding(positions, cos), F.embedding(positions, sin)  # a row gather, faster than indexing
+
     def readout(self) -> torch.Tensor:
         """The output-embedding matrix (V, D), which heads that read logits use."""
         return self.causal_lm.get_output_embeddings().weight
+
+    def text_state(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> TokenState:
+        """Plain (right-padded) text ids (B, L) as a token state of one causal prompt segment."""
+        valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        layout = Layout(visual=0, proprio=0, prompt=ids.shape[1], action=0, bos=0, stop=0)
+        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
+        return TokenState(self.embed(ids), positions, valid, layout, bidirectional_actions=False)
+
+    def text_logits(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits (B, L, V) of plain text through our layer loop (without the VLA's hooks)."""
+        state = LayerLoop(self, self.text_state(ids, valid), hooks=[]).run()
+        return self.lm_head(self.decoder.norm(state.hidden))
 
     def forward(self, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
         """Run all decoder layers (and hooks) and the final norm; returns a new final token state.

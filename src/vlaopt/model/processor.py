@@ -100,6 +100,9 @@ class Processor:
         self.fixed_positions = fixed_positions
         self.max_positions = max_positions
         self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
+        # prompts are right-padded to a multiple of this many tokens (padding is masked): a compiled
+        # model with static shapes then meets a few prompt lengths instead of one per instruction
+        self.prompt_multiple = 1
 
     def __call__(self, images: Any, instructions: Sequence[str] | str, proprio: Any = None,
                  device: torch.device | str = "cpu") -> ModelInputs:
@@ -165,20 +168,20 @@ class Processor:
 
     def tokens(self, instruction: str) -> list[int]:
         """The prompt token ids of one instruction, cached: a closed-loop episode repeats its instruction at
-        every step, and tokenizing was most of the `inputs` stage (the cache keeps the newest
-        `PROMPT_CACHE_SIZE` instructions)."""
+        every step (the cache keeps the `PROMPT_CACHE_SIZE` most recently used instructions)."""
         ids = self._prompt_cache.get(instruction)
-        if ids is None:
-            ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
-            if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
-                self._prompt_cache.popitem(last=False)
-        else:
+        if ids is not None:
             self._prompt_cache.move_to_end(instruction)
+            return ids
+        if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
         self._prompt_cache[instruction] = ids
         return ids
 
     def prompt_ids(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompt ids (B, L) and their validity; refuses a prompt the LM has no positions for."""
+        """Right-padded prompt ids (B, L) and their validity, L the longest prompt rounded up to a multiple of
+        `prompt_multiple`; refuses a prompt the LM has no positions for."""
         ids = [self.tokens(t) for t in instructions]
         if self.max_positions is not None:
             room = self.max_positions - self.fixed_positions
@@ -188,7 +191,7 @@ class Processor:
                         f"instruction {i} ({len(instructions[i])} characters) takes {len(x)} prompt tokens: the sequence "
                         f"would hold {self.fixed_positions + len(x)} positions, beyond the LM's "
                         f"max_position_embeddings={self.max_positions}; shorten it to at most {room} prompt tokens")
-        length = max(len(x) for x in ids)
+        length = -(-max(len(x) for x in ids) // self.prompt_multiple) * self.prompt_multiple
         out = torch.full((len(ids), length), self.pad_id, dtype=torch.long)
         valid = torch.zeros((len(ids), length), dtype=torch.bool)
         for i, x in enumerate(ids):

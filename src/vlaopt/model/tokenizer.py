@@ -34,12 +34,15 @@ def build_builtin_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(source: str) -> PreTrainedTokenizerBase:
-    """`builtin`, or a local directory holding a `transformers` tokenizer."""
+    """`builtin`, a local directory holding a `transformers` tokenizer, or a `.gguf` file's tokenizer."""
     if source == "builtin":
         return build_builtin_tokenizer()
     path = Path(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     if not path.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {source!r} does not exist (expected 'builtin' or a local dir)")
+        raise FileNotFoundError(f"tokenizer {source!r} does not exist (expected 'builtin', a local directory or "
+                                "a .gguf file)")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 

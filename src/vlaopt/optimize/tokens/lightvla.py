@@ -12,6 +12,11 @@ it; RMS norms use the reference's eps 1e-6. Padding patches (from an earlier pru
 nor are voted for; the task tokens' attention skips padded prompt tokens (the reference has none).
 `train_path: drop` (ours) keeps the same straight-through merge but shows the LM exactly the
 inference sequence: each voted patch at its own slot and position, the other slots masked out.
+
+`keep` < 1 (ours, for static shapes: torch.compile's one graph, CUDA graphs) keeps a fixed count
+instead of the union of votes: the `keep` fraction of patches with the most votes, ties (most patches
+have none) broken by the highest score any patch gives them. Where the union holds fewer patches, the
+fixed count adds unvoted ones; where it holds more, the least-voted are dropped. Training is unchanged.
 """
 
 from __future__ import annotations
@@ -22,20 +27,26 @@ import torch
 import torch.nn.functional as F
 
 from vlaopt.model.layout import TokenState
-from vlaopt.optimize.tokens.base import PRUNERS, PrunerConfig, TokenPruner, keep_visual, replace_visual
+from vlaopt.optimize.tokens.base import (
+    PRUNERS,
+    PrunerConfig,
+    TokenPruner,
+    keep_count,
+    keep_visual,
+    replace_visual,
+    top_k_mask,
+)
 
 TRAIN_PATHS = ("merge", "drop")
 
 
 @dataclass
 class LightVLAConfig(PrunerConfig):
-    keep: float = 1.0  # unused: the kept count follows the votes
+    keep: float = 1.0  # 1: keep the union of votes (adaptive count); < 1: that fraction, ranked by votes
     train_path: str = "merge"  # what the LM sees in training: "merge" (the seed) or "drop" (as in inference)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keep != 1.0:
-            raise ValueError(f"lightvla chooses how many tokens to keep itself; keep={self.keep!r} must stay 1.0")
         if self.train_path not in TRAIN_PATHS:
             raise ValueError(f"train_path={self.train_path!r}; expected one of {', '.join(TRAIN_PATHS)}")
 
@@ -74,6 +85,20 @@ def straight_through_merge(scores: torch.Tensor, patches: torch.Tensor) -> torch
     hard = F.one_hot(scores.argmax(-1), scores.shape[-1]).to(scores.dtype)
     soft = scores.softmax(-1)
     return (hard + soft - soft.detach()) @ patches
+
+
+def vote_counts(scores: torch.Tensor, voter_valid: torch.Tensor) -> torch.Tensor:
+    """Votes each patch (B, P) receives: every valid patch votes for the argmax of its scores."""
+    return torch.zeros(voter_valid.shape, device=scores.device).scatter_add_(1, scores.argmax(-1), voter_valid.float())
+
+
+def vote_ranking(scores: torch.Tensor, voter_valid: torch.Tensor) -> torch.Tensor:
+    """Rank key of each patch (B, P) for the fixed-count mode: its number of votes from valid patches
+    plus, in [0, 1), the rank of the highest score a valid patch gives it (the tie-break)."""
+    p = scores.shape[-1]
+    counts = vote_counts(scores, voter_valid)
+    best = scores.masked_fill(~voter_valid[..., None], torch.finfo(scores.dtype).min).amax(1)
+    return counts + best.argsort(1).argsort(1).to(counts.dtype) / p
 
 
 def first_voters(votes: torch.Tensor, voter_valid: torch.Tensor) -> torch.Tensor:
@@ -128,5 +153,7 @@ class LightVLAPruner(TokenPruner):
             else:  # the seed: slot i holds the patch it voted for, at that patch's position
                 positions = positions.gather(1, votes).where(vis_valid, positions)
             return replace_visual(state, merged, positions, vis_valid)
-        counts = torch.zeros(vis_valid.shape, device=scores.device).scatter_add_(1, scores.argmax(-1), vis_valid.float())
-        return keep_visual(state, counts > 0)
+        if self.cfg.keep < 1:
+            k = keep_count(state.layout.visual, self.cfg.keep)
+            return keep_visual(state, top_k_mask(vote_ranking(scores, vis_valid), k), k)
+        return keep_visual(state, vote_counts(scores, vis_valid) > 0)
