@@ -4,8 +4,13 @@ it, without its llama-cpp dependencies, which vla-opt does not use)."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import importlib.util
+import math
+import pydoc_data
 from pathlib import Path
 
 import pytest
@@ -13,8 +18,10 @@ import torch
 from conftest import observations
 from transformers import AutoModelForCausalLM
 
-from vlaopt import VLA, VLAConfig
+from vlaopt import VLA, VLAConfig, apply
 from vlaopt.config import LMConfig
+from vlaopt.data.text import text_windows
+from vlaopt.eval.perplexity import perplexity
 
 
 def _smollm2() -> Path | None:
@@ -64,3 +71,64 @@ def test_a_vla_on_the_gguf_lm_saves_and_reloads_without_the_file(vla, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict_action(*obs), before, atol=0, rtol=0)
 
+
+
+TOPICS = Path(pydoc_data.__file__).parent / "topics.py"  # English prose shipped with every Python
+TEXT_CALIBRATION = {"source": "text", "path": str(TOPICS), "samples": 4, "length": 128}
+
+
+def test_perplexity_through_our_loop_equals_transformers_loss(vla, reference):
+    windows = text_windows(vla.tokenizer, TOPICS, count=4, length=128, skip=100)
+    ours = perplexity(vla.lm, windows, batch_size=2)
+    with torch.no_grad():
+        theirs = math.exp(reference(windows, labels=windows).loss.item())
+    assert 5 < ours < 50  # a real LM on English prose (random weights: ~49,000)
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*_: object) -> None:
+    raise _Stop
+
+
+def _wanda_reference(hf: torch.nn.Module, ids: torch.Tensor, sparsity: float) -> None:
+    """Wanda as its authors run it, re-typed over a plain HF model: layer by layer, the squared input
+    norm of every linear over the calibration tokens (the model's own forward, earlier layers already
+    pruned), then per output row the `sparsity` fraction of lowest |W| * ||X||_2 zeroed."""
+    for layer in hf.model.layers:
+        linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        sq = {n: torch.zeros(m.in_features) for n, m in linears.items()}
+
+        def record(module, args, output, name, sq=sq):
+            sq[name] += args[0].reshape(-1, args[0].shape[-1]).double().pow(2).sum(0).float()
+
+        hooks = [m.register_forward_hook(functools.partial(record, name=n)) for n, m in linears.items()]
+        hooks.append(layer.register_forward_hook(_stop))  # the layers after it need not run
+        with torch.no_grad(), contextlib.suppress(_Stop):
+            hf(ids)
+        for h in hooks:
+            h.remove()
+        with torch.no_grad():
+            for n, m in linears.items():
+                metric = m.weight.abs() * sq[n].sqrt()[None, :]
+                drop = torch.sort(metric, dim=-1, stable=True)[1][:, : int(m.in_features * sparsity)]
+                m.weight.scatter_(1, drop, 0.0)
+
+
+def test_text_calibration_reproduces_the_wanda_masks_of_a_plain_hf_reference(vla, reference):
+    ours = apply(copy.deepcopy(vla), [{"weight_pruning": {"method": "wanda", "sparsity": 0.5,
+                                                          "calibration": TEXT_CALIBRATION}}])
+    ref = copy.deepcopy(reference)
+    _wanda_reference(ref, text_windows(vla.tokenizer, TOPICS, count=4, length=128), 0.5)
+    ours_layers = ours.lm.decoder.layers
+    agree = []
+    for i, layer in enumerate(ref.model.layers):
+        for name, m in layer.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                mine = ours_layers[i].get_submodule(name).weight
+                agree.append(((mine == 0) == (m.weight == 0)).float().mean().item())
+    assert len(agree) == 30 * 7
+    assert min(agree) > 0.995 and sum(agree) / len(agree) > 0.999

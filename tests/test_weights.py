@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import observations
 
 from vlaopt import VLA, VLAConfig, apply, load
+from vlaopt.data.text import text_windows
 from vlaopt.optimize.calibration import encode_observations, walk_layers
 from vlaopt.optimize.weights.base import WEIGHT_PRUNERS, ColumnNorms, Hessian
 from vlaopt.optimize.weights.masks import parse_pattern, zeros_per_group
@@ -156,3 +159,36 @@ def test_two_four_weights_run_on_sparse_kernels_on_cuda():
     assert to_semi_structured(model, targets=["0"]) == ["0"]
     assert type(linear.weight).__name__.startswith("SparseSemiStructuredTensor")
     torch.testing.assert_close(model(x), dense, atol=2e-2, rtol=2e-2)
+
+
+def test_text_calibration_equals_the_same_token_ids_given_and_skips_the_pruners(tmp_path):
+    """A `text` source cuts the file into the windows `text_windows` gives; passing those ids to apply
+    prunes identically; a VLA with a token pruner calibrates on text without running it (no visual tokens)."""
+    text = tmp_path / "prose.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    base = apply(_model(), [{"token_pruning": {"method": "fastv", "layer": 1, "keep": 0.5}}])
+    windows = text_windows(base.tokenizer, text, count=6, length=32)
+    from_file = apply(copy.deepcopy(base), [{"weight_pruning": {"method": "wanda", "calibration": {
+        "source": "text", "path": str(text), "samples": 6, "length": 32, "batch_size": 4}}}])
+    given = apply(copy.deepcopy(base), [{"weight_pruning": {"method": "wanda", "calibration": {"samples": 6}}}],
+                  calibration=list(windows.split(4)))
+    for (name, a), b in zip(_lm_linears(from_file).items(), _lm_linears(given).values(), strict=True):
+        assert torch.equal(a.weight, b.weight), name
+        assert (a.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    assert from_file.config.recipe[-1]["weight_pruning"]["calibration"]["source"] == "text"
+
+
+def test_text_calibration_errors_name_the_value(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("too short", encoding="utf-8")
+    model = _model()
+    with pytest.raises(ValueError, match=r"short.txt holds 9 tokens, but 0 \+ 4 windows of 32 tokens need 128"):
+        apply(model, [{"weight_pruning": {"method": "wanda", "calibration": {
+            "source": "text", "path": str(short), "samples": 4, "length": 32}}}])
+    with pytest.raises(ValueError, match=r"path=None with source='text': a path is needed for, and only for, "
+                                         r"sources 'episodes' and 'text'"):
+        apply(model, [{"weight_pruning": {"method": "wanda", "calibration": {"source": "text"}}}])
+    with pytest.raises(ValueError, match=r"^token id 9999 is outside the LM's vocabulary of 515 ids"):
+        apply(model, [{"weight_pruning": {"method": "wanda", "calibration": {"samples": 1}}}],
+              calibration=[torch.tensor([[1, 9999]])])
+    assert all((m.weight != 0).all() for m in _lm_linears(model).values())  # nothing pruned by the failures

@@ -1,1 +1,1 @@
-"""Demonstration data: the episode file format, expert collection, and a torch dataset of action chunks."""
+"""Data: the episode file format, expert collection, a torch dataset of action chunks, and plain text as LM token windows."""

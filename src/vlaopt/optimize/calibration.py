@@ -1,13 +1,17 @@
-"""Calibration: real VLA inputs run through our own layer loop, to give data-driven methods the inputs
+"""Calibration: real inputs run through our own layer loop, to give data-driven methods the inputs
 each decoder layer actually sees.
 
-Observations are batches (`vlaopt.model.processor.Observation`, or `(images uint8 (B, cams, H, W, 3),
-instructions (B strings), proprio (B, P) or None)` tuples). A recipe step names where they come from in `calibration: {samples, source, ...}`:
-`given` (the observations passed as `apply(model, recipe, calibration=...)`), `episodes` (frames drawn
-from a collection written by `vla-opt collect`, at `path`), or `random` (synthetic observations, used
-only when asked for by name). `walk_layers` then steps the encoded token states through the model's
-own `LayerLoop` one layer at a time (token-pruning hooks where the forward pass runs them), so a
-method may change layer i before layer i + 1 sees its output (sequential calibration).
+Inputs are observation batches (`vlaopt.model.processor.Observation`, or `(images uint8 (B, cams, H,
+W, 3), instructions (B strings), proprio (B, P) or None)` tuples) or token sequences (integer tensors
+(B, L) of LM token ids, run as plain text: the LM alone, no visual or action tokens). A recipe step
+names where they come from in `calibration: {samples, source, ...}`: `given` (what was passed as
+`apply(model, recipe, calibration=...)`), `episodes` (frames drawn from a collection written by
+`vla-opt collect`, at `path`), `text` (`samples` windows of `length` consecutive tokens from the start
+of the text file at `path`, in the model's tokenizer), or `random` (synthetic observations, used only
+when asked for by name). `walk_layers` then steps the encoded token states through the model's own
+`LayerLoop` one layer at a time (token-pruning hooks where the forward pass runs them; text has no
+visual tokens to prune), so a method may change layer i before layer i + 1 sees its output
+(sequential calibration).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from vlaopt.config import VLAConfig
+from vlaopt.data.text import text_windows
 from vlaopt.model.language import LayerInput, LayerLoop
 from vlaopt.model.layout import TokenState
 from vlaopt.model.processor import Observation
@@ -31,7 +36,8 @@ if TYPE_CHECKING:
     from vlaopt.model.language import LanguageModel
     from vlaopt.model.vla import VLA
 
-SOURCES = ("given", "episodes", "random")
+SOURCES = ("given", "episodes", "text", "random")
+PATH_SOURCES = ("episodes", "text")
 RANDOM_INSTRUCTIONS = (
     "pick up the red cup",
     "open the top drawer",
@@ -46,12 +52,13 @@ class CalibrationConfig:
 
     samples: int = 32
     source: str = "given"
-    path: str | None = None  # the episode collection, for source `episodes`
-    batch_size: int = 8  # for sources that batch the samples themselves (episodes, random)
+    path: str | None = None  # the episode collection (source `episodes`) or text file (source `text`)
+    batch_size: int = 8  # for sources that batch the samples themselves (episodes, text, random)
     seed: int = 0
+    length: int = 128  # tokens per sequence, for source `text`
 
     def __post_init__(self) -> None:
-        for name in ("samples", "batch_size"):
+        for name in ("samples", "batch_size", "length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"calibration {name}={value!r} must be a positive integer")
@@ -59,10 +66,10 @@ class CalibrationConfig:
             raise ValueError(
                 f"calibration source={self.source!r} is not supported; expected one of {', '.join(SOURCES)}"
             )
-        if (self.source == "episodes") != (self.path is not None):
+        if (self.source in PATH_SOURCES) != (self.path is not None):
             raise ValueError(
                 f"calibration path={self.path!r} with source={self.source!r}: a path is needed for, "
-                "and only for, source 'episodes'"
+                f"and only for, sources {' and '.join(repr(x) for x in PATH_SOURCES)}"
             )
 
 
@@ -102,14 +109,14 @@ def episode_observations(path: str | Path, samples: int, batch_size: int = 8, se
     return out
 
 
-def take_samples(observations: Iterable[Observation | tuple[Any, Any, Any]], samples: int) -> list[Observation]:
-    """The first `samples` samples of `observations` (Observations or `(images, instructions, proprio)`
-    tuples; the last batch cut short if needed)."""
-    out: list[Observation] = []
+def take_samples(batches: Iterable[Any], samples: int) -> list[Observation | torch.Tensor]:
+    """The first `samples` samples of `batches` (Observations, `(images, instructions, proprio)` tuples,
+    or integer token-id tensors (B, L); the last batch cut short if needed)."""
+    out: list[Observation | torch.Tensor] = []
     count = 0
-    for i, value in enumerate(observations):
-        obs = Observation.of(value, f"calibration observation {i}")
-        part = obs.take(slice(0, min(len(obs), samples - count)))
+    for i, value in enumerate(batches):
+        obs = value if is_token_batch(value) else Observation.of(value, f"calibration observation {i}")
+        part = obs[: samples - count] if is_token_batch(obs) else obs.take(slice(0, min(len(obs), samples - count)))
         out.append(part)
         count += len(part)
         if count == samples:
@@ -120,14 +127,22 @@ def take_samples(observations: Iterable[Observation | tuple[Any, Any, Any]], sam
     )
 
 
+def is_token_batch(value: Any) -> bool:
+    """Whether a calibration batch is token ids (an integer tensor (B, L)) rather than observations."""
+    return isinstance(value, torch.Tensor) and value.ndim == 2 and not value.dtype.is_floating_point
+
+
 def calibration_observations(
-    cfg: CalibrationConfig, model: VLA, given: Iterable[Observation | tuple[Any, Any, Any]] | None, where: str
-) -> list[Observation]:
-    """The observations a step calibrates on, from the source `cfg` names (`where` names the step in errors)."""
+    cfg: CalibrationConfig, model: VLA, given: Iterable[Any] | None, where: str
+) -> list[Observation | torch.Tensor]:
+    """The observation or token-id batches a step calibrates on, from the source `cfg` names (`where`
+    names the step in errors)."""
     if cfg.source == "random":
         return random_observations(model.config, cfg.samples, cfg.batch_size, cfg.seed)
     if cfg.source == "episodes":
         return episode_observations(cfg.path, cfg.samples, cfg.batch_size, cfg.seed)
+    if cfg.source == "text":
+        return list(text_windows(model.tokenizer, cfg.path, cfg.samples, cfg.length).split(cfg.batch_size))
     if given is None:
         raise ValueError(
             f"{where} needs calibration data: pass observations as apply(model, recipe, calibration=[...]), "
@@ -137,11 +152,13 @@ def calibration_observations(
     return take_samples(given, cfg.samples)
 
 
-def encode_observations(model: VLA, observations: Iterable[Observation | tuple[Any, Any, Any]]) -> list[TokenState]:
-    """The LM input token state of each observation batch (inputs checked as `predict_action` checks them)."""
+def encode_observations(model: VLA, batches: Iterable[Any]) -> list[TokenState]:
+    """The LM input token state of each batch: observations checked as `predict_action` checks them,
+    token ids as plain text (`LanguageModel.text_state`)."""
     with torch.no_grad():
-        return [model.lm_input(*Observation.of(obs, f"calibration observation {i}"))
-                for i, obs in enumerate(observations)]
+        return [model.lm.text_state(obs.to(model.device)) if is_token_batch(obs)
+                else model.lm_input(*Observation.of(obs, f"calibration observation {i}"))
+                for i, obs in enumerate(batches)]
 
 
 def walk_layers(lm: LanguageModel, states: list[TokenState]) -> Iterator[tuple[int, nn.Module, list[LayerInput]]]:
@@ -149,8 +166,8 @@ def walk_layers(lm: LanguageModel, states: list[TokenState]) -> Iterator[tuple[i
     batch as the model's `LayerLoop` feeds it (token-pruning hooks applied). When the consumer
     resumes the walk, every input is run through the layer as it is then, so changes made to layer i
     reach layer i + 1. The list of layers must not change during the walk."""
-    with torch.no_grad():
-        loops = [iter(LayerLoop(lm, state)) for state in states]
+    with torch.no_grad():  # text (no visual segment) runs without the token-pruning hooks
+        loops = [iter(LayerLoop(lm, state, hooks=[] if state.layout.visual == 0 else None)) for state in states]
         for i, layer in enumerate(lm.decoder.layers):
             yield i, layer, [next(loop) for loop in loops]
         for loop in loops:  # run the last layer
