@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from conftest import observations
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.optimize.calibration import encode_observations, walk_layers
+from vlaopt.optimize.layers.export import to_hf
 from vlaopt.optimize.layers.gate_norm import coupling_norms
 from vlaopt.optimize.layers.remove import MLPOnlyLayer, drop_attention, has_attention, remove_blocks
 
@@ -184,3 +185,30 @@ def test_depth_pruning_errors_name_the_problem():
             calibration=[observations(model.config)],
         )
     assert model.config.recipe == []
+
+
+@pytest.mark.parametrize("lm", ["llama", "qwen2", "qwen3"])
+def test_a_layer_removed_lm_round_trips_through_plain_transformers(lm, tmp_path):
+    """Blocks removed, one attention dropped and 2:4 weights: the exported directory loads strictly in
+    transformers, whose own forward gives our layer loop's logits."""
+    cfg = VLAConfig.tiny(lm=lm, cameras=2, proprio_dim=3)
+    cfg.lm.hf_config["num_hidden_layers"] = 4
+    model = apply(VLA(cfg).eval(), [
+        {"layer_pruning": {"method": "shortgpt", "n": 1, "calibration": RANDOM}},
+        {"layer_pruning": {"method": "attention_drop", "n": 1, "calibration": RANDOM}},
+        {"weight_pruning": {"method": "wanda", "pattern": "2:4", "calibration": RANDOM}},
+    ])
+    assert len(model.lm.decoder.layers) == 3 and sum(map(has_attention, model.lm.decoder.layers)) == 2
+    to_hf(model.lm).save_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info
+    assert loaded.config.num_hidden_layers == 3
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.lm.text_logits(ids), atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_lm_is_refused_by_the_transformers_export():
+    model = apply(VLA(VLAConfig.tiny()).eval(), [{"quantize": {"method": "int8"}}])
+    with pytest.raises(ValueError, match=r"^decoder layer 0 holds weights a plain transformers layer has not"):
+        to_hf(model.lm)

@@ -3,7 +3,9 @@
 After a removal the live HF config (`model.lm.causal_lm.config`) describes what is left:
 `num_hidden_layers` counts the remaining attention modules, `layer_types` (where the family has it)
 lists theirs, and their `layer_idx` run 0..n-1, so a transformers cache built from that config keeps
-one slot per remaining attention module and none for a removed one. `model.config.lm.hf_config` is
+one slot per remaining attention module and none for a removed one. Only our layer loop runs such an
+LM (transformers' own forward would run the first `num_hidden_layers` layers, each with attention):
+`layers.export.to_hf` makes the plain transformers model of it. `model.config.lm.hf_config` is
 left as built: it is what `rebuild` starts from. Token-pruning hooks keep their place in the
 residual stream: a hook before a removed block moves to the next remaining one. A decoder layer
 whose attention a hook observes (FastV's layer before it, `LayerHook.observed_layers`) keeps it.
