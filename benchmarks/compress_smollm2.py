@@ -47,11 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2, help="timing rounds dropped before the --repeats")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", help="run only the recipes whose names contain one of these strings")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = CompressLMConfig(TOPICS, TOPICS, args.calibration_windows, args.eval_windows, args.length, args.repeats)
+    cfg = CompressLMConfig(TOPICS, TOPICS, args.calibration_windows, args.eval_windows, args.length, args.repeats,
+                           args.warmup)
     dense = carrier("smollm2")
     result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "machine": machine_info(),
               "threads": args.threads, "text": TOPICS, "rows": []}

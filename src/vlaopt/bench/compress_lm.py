@@ -37,7 +37,7 @@ REPORT_FILE = "compress_lm.json"
 @dataclasses.dataclass
 class CompressLMConfig:
     """Where the text comes from and how much of it: `calibration_windows` and `eval_windows` windows
-    of `length` tokens; `repeats` timing rounds of one window's forward."""
+    of `length` tokens; `repeats` timing rounds of one window's forward, after `warmup` dropped ones."""
 
     calibration_text: str
     eval_text: str
@@ -45,12 +45,13 @@ class CompressLMConfig:
     eval_windows: int = 16
     length: int = 256
     repeats: int = 10
+    warmup: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("calibration_windows", "eval_windows", "length", "repeats"):
+        for name in ("calibration_windows", "eval_windows", "length", "repeats", "warmup"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"compress-lm {name}={value!r} must be a positive integer")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1):
+                raise ValueError(f"compress-lm {name}={value!r} must be a {'non-negative' if name == 'warmup' else 'positive'} integer")
 
 
 def carrier(lm: str) -> VLA:
@@ -79,7 +80,7 @@ def compress_lm(lm: str | VLA, recipe: str | Path | list[Any], cfg: CompressLMCo
     with torch.no_grad():
         samples = time_interleaved({"dense": lambda _: dense.lm.text_logits(one),
                                     "compressed": lambda _: model.lm.text_logits(one)},
-                                   cfg.repeats, warmup=2, description="timing rounds")
+                                   cfg.repeats, warmup=cfg.warmup, description="timing rounds")
     report = {
         "lm": str(lm) if isinstance(lm, str) else "(given)",
         "recipe": model.config.recipe,
