@@ -15,6 +15,14 @@ from rich.table import Table
 from vlaopt.config import HEAD_CONFIGS, LM_FAMILIES, VISION_KINDS, VLAConfig
 
 
+def _use_threads(threads: int) -> None:
+    """Set torch's thread count (0 leaves torch's default); a negative count is a usage error."""
+    if threads < 0:
+        raise UsageError(f"--threads {threads} must be 0 (torch's default) or a positive number of threads")
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Build a tiny reference VLA, predict one action chunk, print it with per-stage timings."""
     from vlaopt.bench.stages import time_stages
@@ -75,10 +83,7 @@ def _compress_lm(args: argparse.Namespace) -> int:
     """Compress a bare LM with a recipe's LM steps, calibrated on text; perplexity before and after."""
     from vlaopt.bench.compress_lm import CompressLMConfig, compress_lm
 
-    if args.threads < 0:
-        raise UsageError(f"--threads {args.threads} must be 0 (torch's default) or a positive number of threads")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _use_threads(args.threads)
     cfg = CompressLMConfig(args.calibration_text, args.eval_text or args.calibration_text, args.calibration_windows,
                            args.eval_windows, args.length, args.repeats)
     report = compress_lm(args.lm, args.recipe, cfg, args.out)
@@ -118,10 +123,7 @@ def _train(args: argparse.Namespace) -> int:
 
     if (args.config is None) == (args.init is None):
         raise UsageError("vla-opt train needs exactly one of --config (a new model) or --init (fine-tune a saved one)")
-    if args.threads < 0:
-        raise UsageError(f"--threads {args.threads} must be 0 (torch's default) or a positive number of threads")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _use_threads(args.threads)
     console = Console()
     console.print(f"training with {torch.get_num_threads()} torch thread(s)")
     model = load(args.init) if args.init else VLA(VLAConfig.load(args.config))

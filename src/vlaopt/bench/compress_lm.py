@@ -28,6 +28,7 @@ from vlaopt.model.pretrained import resolve_lm
 from vlaopt.model.vla import VLA
 from vlaopt.optimize.layers.export import to_hf
 from vlaopt.optimize.recipe import apply, load_recipe
+from vlaopt.utils.checks import check_positive
 from vlaopt.utils.io import atomic_write_text
 
 LM_STEPS = ("layer_pruning", "weight_pruning", "quantize")
@@ -48,10 +49,9 @@ class CompressLMConfig:
     warmup: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("calibration_windows", "eval_windows", "length", "repeats", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1):
-                raise ValueError(f"compress-lm {name}={value!r} must be a {'non-negative' if name == 'warmup' else 'positive'} integer")
+        check_positive(self, "compress-lm ", "calibration_windows", "eval_windows", "length", "repeats")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"compress-lm warmup={self.warmup!r} must be a non-negative integer")
 
 
 def carrier(lm: str) -> VLA:

@@ -255,9 +255,11 @@ class LanguageModel(nn.Module):
 
     def text_state(self, ids: torch.Tensor, valid: torch.Tensor | None = None) -> TokenState:
         """Plain (right-padded) text ids (B, L) as a token state of one causal prompt segment."""
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
-            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-            raise ValueError(f"token id {bad} is outside the LM's vocabulary of {self.vocab_size} ids")
+        if ids.numel():
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the LM's vocabulary of {self.vocab_size} ids")
         valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
         layout = Layout(visual=0, proprio=0, prompt=ids.shape[1], action=0, bos=0, stop=0)
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)

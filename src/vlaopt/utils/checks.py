@@ -12,8 +12,8 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_positive(config: Any, prefix: str, *fields: str) -> None:
-    """Raise unless each named integer field of `config` is a positive integer."""
+    """Raise unless each named integer field of `config` is a positive integer (not a bool)."""
     for field in fields:
         value = getattr(config, field)
-        if not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{prefix}{field}={value!r} must be a positive integer")
