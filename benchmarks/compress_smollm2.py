@@ -36,7 +36,14 @@ def recipes(samples: int) -> dict[str, list[dict]]:
         out[f"shortgpt {n} of 30"] = [{"layer_pruning": {"method": "shortgpt", "n": n, "calibration": cal}}]
         out[f"attention_drop {n} of 30"] = [{"layer_pruning": {"method": "attention_drop", "n": n, "calibration": cal}}]
         out[f"gate_norm {n} of 30"] = [{"layer_pruning": {"method": "gate_norm", "n": n}}]
-    out["int8 (dynamic)"] = [{"quantize": {"method": "int8"}}]
+    out["int8 weight-only"] = [{"quantize": {"method": "int8", "weight_only": True}}]
+    out["int8 dynamic, per tensor"] = [{"quantize": {"method": "int8", "activations": "tensor"}}]
+    out["int8 dynamic, per tensor, down_proj float"] = [
+        {"quantize": {"method": "int8", "activations": "tensor", "ignore": ["*down_proj"]}}]
+    out["int8 dynamic, per token"] = [{"quantize": {"method": "int8"}}]
+    for alpha in (0.5, 0.7):
+        out[f"smoothquant {alpha} + int8 per token"] = [
+            {"smoothquant": {"alpha": alpha, "calibration": cal}}, {"quantize": {"method": "int8"}}]
     return out
 
 

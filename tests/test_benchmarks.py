@@ -31,7 +31,8 @@ SCRIPTS = sorted(p.stem for p in BENCHMARKS.glob("*.py"))
 TINY = {
     "compress_lm": ["--size", "tiny", "--samples", "2", "--eval-samples", "2", "--only", "gate_norm n=2",
                     "magnitude 2:4", "int8 dynamic", "fastv 25% + shortgpt"],
-    "compress_smollm2": ["--only", "int8", "--calibration-windows", "1", "--eval-windows", "1", "--length", "16"],
+    "compress_smollm2": ["--only", "int8 dynamic, per token", "--calibration-windows", "1", "--eval-windows", "1",
+                         "--length", "16"],
     "expert": ["--hidden", "64", "--layers", "2", "--expert-width", "32", "--chunk", "2", "--action-dim", "2",
                "--reasoning", "40"],
     "token_pruning": ["--hidden", "64", "--layers", "2", "--keeps", "0.25", "--fastv-layer", "1"],
@@ -85,7 +86,7 @@ def test_script_writes_the_fields_of_its_committed_result(name, tmp_path, torch_
         assert all(s[next(iter(s))]["version"] == 1 for s in steps)  # recorded by vlaopt.apply
     elif name == "compress_smollm2":
         assert set(result) == set(committed) and set(result["machine"]) == MACHINE
-        assert [r["name"] for r in result["rows"]] == ["int8 (dynamic)"]
+        assert [r["name"] for r in result["rows"]] == ["int8 dynamic, per token"]
         assert set(result["rows"][0]) == set(committed["rows"][0])
         assert set(result["rows"][0]["perplexity"]) == {"dense", "compressed"}
     elif name == "expert":

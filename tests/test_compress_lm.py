@@ -63,6 +63,6 @@ def test_compress_lm_int8_writes_the_report_only_and_refuses_other_steps(lm_dir,
     assert _run(lm, text, "- quantize: {method: int8}\n", tmp_path / "q", tmp_path) == 0
     assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["compress_lm.json", "manifest.json"]
     assert _run(lm, text, "- token_pruning: {method: fastv, keep: 0.5}\n", tmp_path / "t", tmp_path) == 2
-    assert ("compress-lm applies LM steps only (layer_pruning, weight_pruning, quantize); the recipe has "
+    assert ("compress-lm applies LM steps only (layer_pruning, weight_pruning, smoothquant, quantize); the recipe has "
             "token_pruning") in capsys.readouterr().err
     assert not (tmp_path / "t").exists()

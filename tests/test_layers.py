@@ -99,6 +99,25 @@ def test_gate_norm_is_the_query_key_coupling_norm_under_grouped_query_attention(
     torch.testing.assert_close(coupling_norms(attention), expected)
 
 
+@pytest.mark.parametrize("lm", ["llama", "qwen3"])
+def test_gate_norm_scores_move_only_when_the_attention_does(lm):
+    """Rescalings that leave the attention unchanged leave the score unchanged: W_q * c with W_k / c
+    everywhere, and, under Qwen3's per-head QK-norm, W_q * c alone (which cancels in the norm)."""
+    model = _model(lm)
+    attention = model.lm.decoder.layers[1].self_attn
+    ids = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, logits = coupling_norms(attention), model.lm.text_logits(ids)
+        attention.q_proj.weight.mul_(5.0)
+        if lm == "llama":
+            attention.k_proj.weight.div_(5.0)
+        torch.testing.assert_close(model.lm.text_logits(ids), logits, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(coupling_norms(attention), before)
+        attention.v_proj.weight.mul_(2.0)  # the output moves, the query-key score does not
+        assert not torch.allclose(model.lm.text_logits(ids), logits, atol=1e-3)
+        torch.testing.assert_close(coupling_norms(attention), before)
+
+
 def test_walk_layers_feeds_each_layer_what_the_layer_loop_feeds_it():
     model = _model("qwen2")
     apply(model, [{"token_pruning": {"method": "fastv", "layer": 2, "keep": 0.5}}])

@@ -25,7 +25,7 @@ def _model(lm: str = "llama", head: str = "l1") -> VLA:
 def test_int8_actions_stay_close_to_fp32(lm, head, weight_only):
     """Tolerance, in normalized action units (actions span [-1, 1]): mean |error| < 0.03 and max
     |error| < 0.1. Per-channel int8 weights round each weight by at most half a step (max|w| / 254)
-    and dynamic per-tensor activations by range / 510, about 1% of a hidden state's RMS; through the
+    and dynamic per-token activations by range / 510, about 1% of a hidden state's RMS; through the
     LM and a continuous head this measured 0.004-0.02 mean and up to 0.07 max on these tiny models.
     The bounds hold that with ~50% margin. Discrete (a bin argmax) and diffusion (DDIM clipping)
     heads turn such small changes into occasional whole-bin jumps, so they are not held to it."""
@@ -40,24 +40,49 @@ def test_int8_actions_stay_close_to_fp32(lm, head, weight_only):
     assert err.mean() < 0.03 * step and err.max() < 0.1 * step, (err.mean().item(), err.max().item())
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_the_dynamic_int8_product_is_the_exact_product_of_the_quantized_operands(bias):
-    """The kernel's output equals (dequantized activations) x (dequantized weights) computed in
-    float64, with the activations quantized per tensor as torch does (asymmetric, 8 or 7 bits): no
-    int16 saturation on CPUs without VNNI (where it was off by 13.6 in 73 with 8 bits)."""
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(128, 96, bias=bias)
-    layer = Int8Linear.from_linear(linear, weight_only=False)
-    x = torch.randn(7, 128) * 2 + 0.3
+def _quantized_per_tensor(x: torch.Tensor) -> torch.Tensor:
+    """`x` (float32) rounded as torch's dynamic kernel rounds its input: one asymmetric scale and zero
+    point for the tensor, 8 bits or 7, and round(x * (1 / scale) + zero) in float32, which at a tie
+    can differ by a step from rounding x / scale in float64."""
     qmax = 127 if REDUCE_RANGE else 255
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    scale = (hi - lo) / qmax
-    zero = min(max(round(-lo / scale), 0), qmax)
-    xq = torch.clamp(torch.round(x / scale) + zero, 0, qmax).double()
-    expected = ((xq - zero) * scale) @ layer.dequantized().double().T
+    scale = torch.tensor((hi - lo) / qmax, dtype=torch.float32)
+    zero = min(max(round(-lo / scale.item()), 0), qmax)
+    return (torch.clamp(torch.round(x * (1 / scale) + zero), 0, qmax) - zero).double() * scale.double()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_the_dynamic_int8_product_is_the_exact_product_of_the_quantized_operands(bias, per_token):
+    """The kernel's output equals (dequantized activations) x (dequantized weights) computed in
+    float64: activations quantized per tensor as torch does (asymmetric, 8 or 7 bits), or, per token,
+    each row divided by its max |x| first and its output multiplied back. No int16 saturation on CPUs
+    without VNNI (where it was off by 13.6 in 73 with 8 bits)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96, bias=bias)
+    layer = Int8Linear.from_linear(linear, weight_only=False, per_token=per_token)
+    x = torch.randn(7, 128) * 2 + 0.3
+    x[3] *= 40  # an outlier token, which per tensor sets everyone's rounding step
+    rows = x.abs().amax(1, keepdim=True) if per_token else torch.ones(7, 1)
+    expected = (_quantized_per_tensor(x / rows) @ layer.dequantized().double().T) * rows.double()
     if bias:
         expected = expected + linear.bias.double()
     torch.testing.assert_close(layer(x).double(), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_per_token_scales_keep_the_small_tokens_beside_an_outlier():
+    """With one token 40x larger than the rest, per-token scales leave the other tokens' products at
+    least 10x closer to float than one scale for the whole input does."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 96)
+    x = torch.randn(7, 128)
+    x[3] *= 40
+    exact = linear(x).detach()
+    errors = {}
+    for per_token in (False, True):
+        layer = Int8Linear.from_linear(linear, weight_only=False, per_token=per_token)
+        errors[per_token] = (layer(x) - exact)[[0, 1, 2, 4, 5, 6]].abs().mean().item()
+    assert errors[True] * 10 < errors[False], errors
 
 
 def test_vnni_is_read_from_the_cpu_flags():

@@ -1,5 +1,5 @@
 """Compressing a bare causal LM (`vla-opt compress-lm`, `compress_lm`): the LM steps of a recipe
-(`layer_pruning`, `weight_pruning`, `quantize`) calibrated on text, perplexity on held-out text before
+(`layer_pruning`, `weight_pruning`, `smoothquant`, `quantize`) calibrated on text, perplexity on held-out text before
 and after, the LM's forward time on one window before and after (interleaved rounds, ratio per round),
 and the result as a plain transformers directory (`optimize.layers.export.to_hf`; an int8 LM has no
 such form, so only the report is written).
@@ -31,7 +31,7 @@ from vlaopt.optimize.recipe import apply, load_recipe
 from vlaopt.utils.checks import check_positive
 from vlaopt.utils.io import atomic_write_text
 
-LM_STEPS = ("layer_pruning", "weight_pruning", "quantize")
+LM_STEPS = ("layer_pruning", "weight_pruning", "smoothquant", "quantize")
 REPORT_FILE = "compress_lm.json"
 
 

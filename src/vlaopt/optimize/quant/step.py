@@ -1,5 +1,6 @@
-"""The `quantize` recipe step: `- quantize: {method: int8}` (dynamic int8, CPU) or
-`- quantize: {method: int8, weight_only: true}` (int8 weights, any device).
+"""The `quantize` recipe step: `- quantize: {method: int8}` (dynamic int8, CPU; activation scales per
+token, or `activations: tensor` for one per tensor) or `- quantize: {method: int8, weight_only: true}`
+(int8 weights, any device).
 
 `rebuild` puts empty `Int8Linear` modules where the step put quantized ones, so the saved int8
 weights and scales load into them.
@@ -27,15 +28,20 @@ QUANT_METHODS: Registry[type[Int8Config]] = Registry("quantization method")
 @QUANT_METHODS.register("int8")
 @dataclass
 class Int8Config:
-    """Which linear layers to quantize (name patterns) and whether activations stay in float."""
+    """Which linear layers to quantize (name patterns), whether activations stay in float, and, where
+    they do not, whether each token gets its own activation scale (`token`) or the whole input one
+    (`tensor`)."""
 
     weight_only: bool = False
+    activations: str = "token"
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     ignore: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.weight_only, bool):
             raise TypeError(f"quantize weight_only={self.weight_only!r} must be true or false")
+        if self.activations not in ("token", "tensor"):
+            raise ValueError(f"quantize activations={self.activations!r} must be token or tensor")
 
 
 def _config(params: dict[str, Any]) -> tuple[str, Int8Config]:
@@ -54,10 +60,10 @@ class QuantizeStep(RecipeStep):
     def apply(self, model: VLA, params: dict[str, Any]) -> dict[str, Any]:
         method, cfg = _config(params)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
-        quantize_int8(model, names, cfg.weight_only)
+        quantize_int8(model, names, cfg.weight_only, cfg.activations == "token")
         return {"method": method, **dataclasses.asdict(cfg)}
 
     def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
         method, cfg = _config(resolved)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
-        empty_int8(model, names, cfg.weight_only)
+        empty_int8(model, names, cfg.weight_only, cfg.activations == "token")
