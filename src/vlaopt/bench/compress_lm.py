@@ -1,8 +1,8 @@
 """Compressing a bare causal LM (`vla-opt compress-lm`, `compress_lm`): the LM steps of a recipe
-(`layer_pruning`, `weight_pruning`, `smoothquant`, `quantize`) calibrated on text, perplexity on held-out text before
-and after, the LM's forward time on one window before and after (interleaved rounds, ratio per round),
-and the result as a plain transformers directory (`optimize.layers.export.to_hf`; an int8 LM has no
-such form, so only the report is written).
+(`layer_pruning`, `weight_pruning`, `smoothquant`, `quantize`) calibrated on text, perplexity on
+held-out text before and after, the LM's forward time on one window before and after (interleaved
+rounds, ratio per round), and the result as a plain transformers directory
+(`optimize.layers.export.to_hf`; an int8 LM has no such form, so only the report is written).
 
 The LM rides in a VLA whose vision encoder and head are never run: the recipe machinery, calibration and
 the layer loop are the ones a VLA's LM gets. Held-out text: when the evaluation file is the calibration

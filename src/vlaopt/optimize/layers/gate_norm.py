@@ -18,7 +18,7 @@ the pre-attention RMSNorm gain grows with depth (mean |gamma| 0.03 at layer 0, 0
 does not see. Folding the gain into W_q and W_k makes the score invariant to that reparametrization
 but ranks layers 0 and 1 lowest, whose attention alone costs 5.6x and 15.6x perplexity; neither form
 follows the measured per-layer damage (Spearman 0.20 raw, -0.36 folded over the 30 layers;
-benchmarks/gate_norm_smollm2.py). We keep the paper's raw form and say where it fails
+scripts/gate_norm_layers.py). We keep the paper's raw form and say where it fails
 (docs/compression.md).
 """
 

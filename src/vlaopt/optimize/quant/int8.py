@@ -6,11 +6,11 @@ as safetensors), computed two ways.
   int8 paths measured here it was the fastest (docs/compression.md). The kernel quantizes its input
   per tensor (one scale and zero point); with `per_token` (the default) each token's row is first
   divided by its max |x| and the output rows multiplied back, which gives every token its own scale
-  through the same kernel. On SmolLM2-135M per tensor cost +96% perplexity, per token +2%: one
+  through the same kernel. On SmolLM2-135M per tensor cost +96% perplexity, per token +2.5%: one
   token's outlier features no longer set every token's rounding step. The prepacked weight is a
   cache, rebuilt when the weight or scale tensors change (their version counters), e.g. after
-  loading a checkpoint; the bias is added after the product. On x86 CPUs without VNNI the kernel adds pairs of
-  u8 x s8 products in int16, which saturates for 8-bit activations (measured: an output off by 13.6
+  loading a checkpoint; the bias is added after the product. On x86 CPUs without VNNI the kernel
+  adds pairs of u8 x s8 products in int16, which saturates for 8-bit activations (measured: an output off by 13.6
   in 73 on an AVX2 EPYC); there activations use 7 bits (`REDUCE_RANGE`, torch's own default for
   x86), which keeps the product exact.
 - weight-only (`weight_only=True`, any device): the weight is stored in int8 and dequantized to the

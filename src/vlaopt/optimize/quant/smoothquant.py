@@ -65,10 +65,10 @@ def _groups(layer: nn.Module, i: int) -> list[tuple[nn.Module, list[nn.Linear]]]
         if type(norm).__name__ not in SCALED_NORMS:
             raise ValueError(f"smoothquant folds scales into {', '.join(SCALED_NORMS)}; decoder layer {i}'s "
                              f"{norm_name} is {type(norm).__name__}")
-        odd = [n for n, m in zip(names, linears, strict=True) if type(m) is not nn.Linear]
+        odd = [(n, m) for n, m in zip(names, linears, strict=True) if type(m) is not nn.Linear]
         if odd:
-            raise ValueError(f"smoothquant needs float nn.Linear layers, but decoder layer {i}'s {', '.join(odd)} "
-                             f"is {type(getattr(getattr(layer, parent), odd[0])).__name__}; smooth before quantize")
+            raise ValueError(f"smoothquant needs float nn.Linear layers, but decoder layer {i}'s "
+                             f"{', '.join(n for n, _ in odd)} is {type(odd[0][1]).__name__}; smooth before quantize")
         out.append((norm, linears))
     return out
 
