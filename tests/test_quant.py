@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.model.checkpoint import weight_size
+from vlaopt.optimize import rebuild
 from vlaopt.optimize.quant import Int8Linear
 from vlaopt.optimize.quant.int8 import REDUCE_RANGE, has_vnni
 
@@ -115,6 +116,20 @@ def test_int8_modules_hold_int8_weights_and_reload_bit_identically(tmp_path):
             assert isinstance(module, Int8Linear) and torch.equal(module.weight, quantized[name].weight)
     assert torch.equal(loaded.predict_action(images, instructions, proprio), actions)
     assert torch.equal(copy.deepcopy(loaded).predict_action(images, instructions, proprio), actions)
+
+
+def test_an_int8_record_written_before_per_token_scales_rebuilds_per_tensor():
+    """A recorded quantize step without `activations` (written before it existed, when every int8
+    model had one scale per tensor) rebuilds per tensor; a current record rebuilds as it says."""
+    recorded = apply(_model(), [{"quantize": {"method": "int8"}}]).config.recipe
+    for activations, per_token in (("token", True), (None, False)):
+        entry = copy.deepcopy(recorded)
+        if activations is None:
+            del entry[0]["quantize"]["activations"]
+        fresh = _model()
+        rebuild(fresh, entry)
+        flags = {m.per_token for m in fresh.modules() if isinstance(m, Int8Linear)}
+        assert flags == {per_token}, activations
 
 
 def test_weight_only_int8_is_the_dequantized_linear():

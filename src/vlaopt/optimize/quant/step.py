@@ -3,7 +3,8 @@ token, or `activations: tensor` for one per tensor) or `- quantize: {method: int
 (int8 weights, any device).
 
 `rebuild` puts empty `Int8Linear` modules where the step put quantized ones, so the saved int8
-weights and scales load into them.
+weights and scales load into them. A record without `activations` was written before per-token
+scales existed, with one scale per tensor, and rebuilds so.
 """
 
 from __future__ import annotations
@@ -64,6 +65,6 @@ class QuantizeStep(RecipeStep):
         return {"method": method, **dataclasses.asdict(cfg)}
 
     def rebuild(self, model: VLA, resolved: dict[str, Any]) -> None:
-        method, cfg = _config(resolved)
+        method, cfg = _config({"activations": "tensor", **resolved})  # older records: per tensor (module doc)
         names = list(select_modules(model, cfg.targets, cfg.ignore, nn.Linear, f"quantize ({method})"))
         empty_int8(model, names, cfg.weight_only, cfg.activations == "token")
