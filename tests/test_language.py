@@ -30,7 +30,7 @@ def test_our_cache_receives_what_transformers_dynamic_cache_receives(family):
     rotary = decoder.rotary_emb(state.hidden, position_ids=state.position_ids)
     mask = state.attention_mask()
     ours, reference = KVCache(), DynamicCache()
-    ours.expect(state.valid)
+    ours.expect(state.valid, state.position_ids)
     with torch.no_grad():
         for i, layer in enumerate(decoder.layers):
             a = call_layer(layer, state.hidden, mask, state.position_ids, rotary, ours)

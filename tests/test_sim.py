@@ -137,3 +137,9 @@ def test_expert_solves_reach() -> None:
         assert success and env.steps < 120
     with pytest.raises(ValueError, match="no scripted policy for task 'reach-v9'"):
         ScriptedPolicy("reach-v9")
+
+
+def test_control_rate_is_metaworlds_env_step() -> None:
+    """The rate the closed loop models latency at is MetaWorld's own (frame skip x MuJoCo timestep)."""
+    with SimEnv("reach-v3", 0, ("topview",), 32, 5) as env:
+        assert sim_env.CONTROL_HZ == pytest.approx(1 / env._env.dt)

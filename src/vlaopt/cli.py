@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -228,7 +229,9 @@ def _eval(args: argparse.Namespace) -> int:
 
         cfg = EvalConfig(episodes=args.episodes, execute=args.execute, max_steps=args.max_steps, seed=args.seed,
                          workers=args.workers, cameras=tuple(args.cameras) if args.cameras else None,
-                         gif_dir=args.gifs, gif_episodes=args.gif_episodes)
+                         gif_dir=args.gifs, gif_episodes=args.gif_episodes,
+                         lead=args.lead if args.async_execution else None, control_hz=args.control_hz,
+                         blend=args.blend)
         result = evaluate(args.model, resolve_tasks(args.tasks), cfg, json_path=args.json)
         table = Table(title=f"closed-loop success, {args.episodes} episodes per task, seed {args.seed}, "
                             f"{result.settings['execute']} of {result.settings['chunk']} actions per chunk")
@@ -239,6 +242,8 @@ def _eval(args: argparse.Namespace) -> int:
             table.add_row(name, f"{rate.successes}/{rate.episodes} = {rate.success_rate:.0%}",
                           f"{rate.ci95[0]:.0%} - {rate.ci95[1]:.0%}", *((str(rate.failed),) if result.failures else ()))
         console.print(table)
+        if result.latency:
+            console.print(_latency_line(result.latency, cfg))
         for failure in result.failures:
             console.print(f"failed: {failure['task']} episode {failure['episode']} (seed {failure['seed']}): "
                           f"{failure['error']}", markup=False, highlight=False)
@@ -248,6 +253,19 @@ def _eval(args: argparse.Namespace) -> int:
             console.print(f"{len(result.failures)} episode(s) failed to run; the rates count only the episodes that ran")
             return 1
     return 0
+
+
+def _latency_line(latency: dict[str, Any], cfg: Any) -> str:
+    """One line on the closed loop's modeled latency and reuse, per episode on average."""
+    mode = f"async, lead {cfg.lead}" + (f", blend {cfg.blend}" if cfg.blend else "") if cfg.lead else "sync"
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in latency["stage_ms"].items())
+    line = (f"latency ({mode}, {cfg.control_hz:g} Hz): stall {latency['stall_s']:.3f} s per episode over "
+            f"{latency['predictions']:.1f} predictions; ms per prediction: {stages}")
+    reuse = latency["reuse"]
+    if reuse:
+        line += (f"; reuse: {reuse['reused']:.1f} of {reuse['visual']:.0f} visual tokens, {reuse['static']:.1f} "
+                 f"static patches, {reuse['encoded_cameras']:.2f} cameras encoded per step")
+    return line
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -334,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for the optimized model; may be --model itself: only the model's files are "
                           "replaced, others there (heldout.npz, checkpoints, notes) are kept")
     opt.set_defaults(func=_optimize)
-    from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
+    from vlaopt.sim.env import CONTROL_HZ, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
     clm = sub.add_parser("compress-lm", help="compress a bare causal LM (HF directory or .gguf) with a recipe's LM "
                                              "steps, calibrated on text; perplexity before and after")
@@ -434,6 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "rewritten as episodes finish (\"complete\": false until the end)")
     ev.add_argument("--gifs", help="folder for rollout GIFs")
     ev.add_argument("--gif-episodes", type=int, default=1, help="GIFs of the first N episodes of each task")
+    ev.add_argument("--async", dest="async_execution", action="store_true",
+                    help="asynchronous execution: predict the next chunk from the observation --lead actions before "
+                         "the current one ends, while they run")
+    ev.add_argument("--lead", type=int, default=2, help="--async: actions left in the chunk when the next prediction starts")
+    ev.add_argument("--control-hz", type=float, default=CONTROL_HZ,
+                    help="control rate the stall time is modeled at (default: MetaWorld's own)")
+    ev.add_argument("--blend", type=float, default=0.0,
+                    help="--async: weight of the new chunk in the overlapping actions, once it has arrived")
     ev.add_argument("--data", help="collection folder: also report the open-loop action L1 on its val split")
     ev.add_argument("--val-fraction", type=float, default=0.1, help="val split of --data, as in vla-opt train")
     ev.add_argument("--split-seed", type=int, default=0, help="split seed of --data (vla-opt train's --seed)")

@@ -99,14 +99,16 @@ def _visual_tokens(model: VLA, obs: Demonstrations) -> tuple[int, float]:
 
 def closed_loop_success(model: VLA, tasks: Sequence[str], eval_cfg: Any, progress: bool = True) -> dict[str, Any]:
     """Overall and per-task closed-loop success of `model` with Wilson 95% intervals (`vlaopt.eval`),
-    over the episodes that ran; `failed` counts those that failed to run (`failures` says why)."""
+    over the episodes that ran; `failed` counts those that failed to run (`failures` says why);
+    `latency` holds the closed loop's per-prediction stage times and reuse statistics (its session's)."""
     from vlaopt.eval.closed_loop import evaluate
 
     result = evaluate(model, tasks, eval_cfg, progress=progress)
     return {"overall": result.overall.success_rate, "ci95": list(result.overall.ci95),
             "successes": result.overall.successes, "episodes": result.overall.episodes,
             "failed": result.overall.failed, "failures": result.failures,
-            "tasks": {t: r.success_rate for t, r in result.tasks.items()}, "episode_results": result.episodes}
+            "tasks": {t: r.success_rate for t, r in result.tasks.items()}, "episode_results": result.episodes,
+            "latency": result.latency}
 
 
 class RecipeFailure(Exception):

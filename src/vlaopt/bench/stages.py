@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.progress import track
 
-from vlaopt.bench.timer import StageTimer
+from vlaopt.utils.timer import StageTimer
 
 if TYPE_CHECKING:
     from vlaopt.model.vla import VLA

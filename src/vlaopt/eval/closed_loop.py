@@ -23,13 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlaopt.eval.rollout import EpisodeResult, RolloutConfig, env_cameras, eval_seed, run_episode
+from vlaopt.eval.rollout import EpisodeResult, RolloutConfig, env_cameras, eval_seed, executed_actions, run_episode
 from vlaopt.model.vla import VLA
 from vlaopt.optimize import load
-from vlaopt.sim.env import DEFAULT_MAX_STEPS, SimEnv
+from vlaopt.sim.env import CONTROL_HZ, DEFAULT_MAX_STEPS, SimEnv
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_write_text
 from vlaopt.utils.processes import die_with_parent, worker_pool
@@ -68,13 +69,20 @@ class EvalConfig:
     cameras: tuple[str, ...] | None = None
     gif_dir: str | None = None
     gif_episodes: int = 1
+    lead: int | None = None
+    control_hz: float = CONTROL_HZ
+    blend: float = 0.0
 
     def __post_init__(self) -> None:
         if self.episodes < 1:
             raise ValueError(f"episodes={self.episodes} must be at least 1 per task")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must be >= 0 (0 runs in this process)")
-        RolloutConfig(self.execute, self.max_steps)  # validates execute and max_steps
+        self.rollout()  # validates execute, max_steps and the latency model
+
+    def rollout(self, record: bool = False) -> RolloutConfig:
+        """How each episode runs."""
+        return RolloutConfig(self.execute, self.max_steps, record, self.lead, self.control_hz, self.blend)
 
 
 @dataclass
@@ -105,8 +113,10 @@ class EpisodeFailure:
 
 @dataclass
 class EvalResult:
-    """Per-task and overall success, with the settings and every episode's seed, outcome and length
-    (or error); `failures` lists the episodes that failed to run, `complete` is False while it runs."""
+    """Per-task and overall success, with the settings and every episode's seed, outcome, length,
+    predictions, modeled stall, stage times and reuse statistics (or error); `latency` averages the
+    last four over the episodes that ran; `failures` lists the episodes that failed to run,
+    `complete` is False while it runs."""
 
     settings: dict[str, Any]
     tasks: dict[str, Rate]
@@ -114,6 +124,7 @@ class EvalResult:
     episodes: list[dict[str, Any]]
     failures: list[dict[str, Any]] = field(default_factory=list)
     complete: bool = True
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -132,11 +143,21 @@ _MODEL: VLA | None = None
 
 
 def _init_worker(model_dir: str) -> None:
-    """Tie the worker's life to its parent's, then load the model once, on one torch thread."""
+    """Tie the worker's life to its parent's, then load the model once, on one torch thread, and warm it up."""
     global _MODEL
     die_with_parent()
     torch.set_num_threads(1)
     _MODEL = load(model_dir)
+    _warm_up(_MODEL)
+
+
+def _warm_up(model: VLA) -> None:
+    """One prediction on blank inputs, so that one-time costs (lazy initialization, first-call
+    allocations) do not count as the first episode's latency."""
+    size, cfg = model.config.vision.image_size, model.config
+    images = np.zeros((1, cfg.cameras, size, size, 3), dtype=np.uint8)
+    proprio = np.zeros((1, cfg.proprio_dim), dtype=np.float32) if cfg.proprio_dim else None
+    model.predict_action(images, ["warm up"], proprio)
 
 
 def _run_job(cfg: EvalConfig, cameras: tuple[str, ...], task: str, episodes: list[int],
@@ -159,7 +180,7 @@ def _run_job(cfg: EvalConfig, cameras: tuple[str, ...], task: str, episodes: lis
 def _run_one(cfg: EvalConfig, model: VLA, env: SimEnv, episode: int, seed: int) -> EpisodeResult:
     """One episode, and its GIF when it is among the first `gif_episodes`."""
     record = cfg.gif_dir is not None and episode < cfg.gif_episodes
-    result = run_episode(model, env, episode, seed, RolloutConfig(cfg.execute, cfg.max_steps, record))
+    result = run_episode(model, env, episode, seed, cfg.rollout(record))
     if result.frames is not None:
         _write_gif(Path(cfg.gif_dir) / f"{env.task}_{episode:03d}_{'success' if result.success else 'fail'}.gif",
                    result.frames)
@@ -249,11 +270,26 @@ def _summarize(tasks: list[str], cfg: EvalConfig, model: VLA, cameras: tuple[str
         tasks=per_task,
         overall=Rate(sum(r.success for r in ran), len(ran), len(failed)),
         episodes=[asdict(o) if isinstance(o, EpisodeFailure) else
-                  {"task": o.task, "episode": o.episode, "seed": o.seed, "success": o.success, "steps": o.steps}
-                  for o in episodes],
+                  {k: v for k, v in asdict(o).items() if k != "frames"} for o in episodes],
         failures=[asdict(f) for f in failed],
         complete=complete,
+        latency=_latency(ran),
     )
+
+
+def _latency(ran: list[EpisodeResult]) -> dict[str, Any]:
+    """Means over episodes of predictions, modeled stall, per-prediction stage times and reuse statistics."""
+    if not ran:
+        return {}
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    def means(dicts: list[dict[str, float]]) -> dict[str, float]:
+        return {key: mean([d[key] for d in dicts if key in d]) for key in dict.fromkeys(k for d in dicts for k in d)}
+
+    return {"predictions": mean([r.predictions for r in ran]), "stall_s": mean([r.stall_s for r in ran]),
+            "stage_ms": means([r.stage_ms for r in ran]), "reuse": means([r.reuse for r in ran])}
 
 
 def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, progress: bool = True,
@@ -272,8 +308,7 @@ def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, pro
         instruction(task)  # raises on an unknown task, listing the known ones
     loaded = model if isinstance(model, VLA) else load(model)
     cameras = env_cameras(loaded.config, cfg.cameras)
-    if cfg.execute is not None and cfg.execute > loaded.config.chunk:
-        raise ValueError(f"execute={cfg.execute} exceeds the model's chunk of {loaded.config.chunk} actions")
+    executed_actions(loaded.config.chunk, cfg.rollout())
     jobs: list[Job] = [(task, list(range(start, min(start + EPISODES_PER_JOB, cfg.episodes))))
                        for start in range(0, cfg.episodes, EPISODES_PER_JOB) for task in tasks]
     columns = (TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(),
@@ -300,6 +335,7 @@ def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, pro
             report(complete=False)
 
         if cfg.workers == 0:
+            _warm_up(loaded)
             for job in jobs:
                 try:
                     done = _run_job(cfg, cameras, *job, loaded)

@@ -22,6 +22,7 @@ import torch
 
 from vlaopt.model.decode import decode_action_bins, generate_text, last_token_logits, next_positions, text_processors
 from vlaopt.model.heads.discrete import bin_centers
+from vlaopt.model.hooks import LayerHook
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
 from vlaopt.model.policy import POLICIES, Policy, initial_noise
@@ -40,10 +41,12 @@ class ExpertRollout:
     cache: KVCache
 
 
-def fill_prefix(model: VLA, state: TokenState, timer: Timer = NULL_TIMER) -> tuple[KVCache, TokenState]:
-    """Run the LM once over the prefix; the cache of every attention layer and the final state."""
-    cache = KVCache()
-    final = model.lm(state, timer, cache=cache)
+def fill_prefix(model: VLA, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None,
+                hooks: Sequence[LayerHook] | None = None) -> tuple[KVCache, TokenState]:
+    """Run the LM once over the prefix; the cache of every attention layer (`cache`, or a new one) and
+    the final state."""
+    cache = KVCache() if cache is None else cache
+    final = model.lm(state, timer, cache=cache, hooks=hooks)
     cache.next_position = next_positions(state)
     return cache, final
 
@@ -57,17 +60,18 @@ def forbidden_text_ids(model: VLA) -> list[int]:
 
 
 def act(
-    model: VLA, state: TokenState, noise: torch.Tensor | None = None, seed: int = 0, timer: Timer = NULL_TIMER
+    model: VLA, state: TokenState, noise: torch.Tensor | None = None, seed: int = 0, timer: Timer = NULL_TIMER,
+    cache: KVCache | None = None, hooks: Sequence[LayerHook] | None = None,
 ) -> ExpertRollout:
     """Prefix -> optional reasoning -> flow steps (or autoregressive action tokens) for an encoded
     batch. Noise (B, chunk, action_dim) is drawn with `seed` unless given; sampled reasoning draws
-    from the same generator, after the noise."""
+    from the same generator, after the noise. `cache` and `hooks` as `Policy.act`."""
     head, cfg = model.head, model.head.cfg
     batch = state.hidden.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = initial_noise(model, batch, noise, seed, gen).to(state.hidden.dtype)
     with timer.stage("prefix"):
-        cache, final = fill_prefix(model, state, timer)
+        cache, final = fill_prefix(model, state, timer, cache, hooks)
         need_logits = cfg.reasoning_tokens > 0 or cfg.trajectory == "autoregressive"
         logits = last_token_logits(model.lm, final) if need_logits else None
     reasoning = torch.empty((batch, 0), dtype=torch.long, device=model.device)
@@ -114,8 +118,9 @@ class ExpertPolicy(Policy):
         return 0, 0  # the prefix ends where the answer begins: reasoning continues the prompt
 
     def act(self, model: VLA, state: TokenState, noise: torch.Tensor | None, seed: int,
-            timer: Timer = NULL_TIMER) -> torch.Tensor:
-        return act(model, state, noise, seed, timer).actions
+            timer: Timer = NULL_TIMER, cache: KVCache | None = None,
+            hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
+        return act(model, state, noise, seed, timer, cache, hooks).actions
 
     def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
              generator: torch.Generator | None) -> torch.Tensor:

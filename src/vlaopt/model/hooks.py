@@ -24,6 +24,9 @@ class LayerHook(nn.Module):
     """Base of every hook of the layer loop (see the module docstring); `name` names it in errors."""
 
     name: ClassVar[str] = "layer"
+    merges_tokens: ClassVar[bool] = False
+    """True for a hook whose output tokens are not a subset of its input tokens (pooling averages
+    them): a token's position then no longer names one input patch."""
 
     def __init__(self, layer: int) -> None:
         super().__init__()

@@ -2,9 +2,13 @@
 
 Keys and values are kept per attention module (`layer_idx`, the numbering transformers uses) as
 (B, kv_heads, S_l, head_dim) with RoPE already applied at each token's original position, beside a
-key-validity mask (B, S_l). S_l may differ between layers: a token-pruning hook between layers
-leaves the later layers fewer keys, and padding (prompts of different lengths, tokens kept in
-different numbers, samples that stopped decoding) is marked invalid rather than removed.
+key-validity mask (B, S_l) and the keys' original positions (B, S_l). S_l may differ between layers:
+a token-pruning hook between layers leaves the later layers fewer keys, and padding (prompts of
+different lengths, tokens kept in different numbers, samples that stopped decoding) is marked
+invalid rather than removed. A new token sees a cached key when the key is valid and its position is
+not after the token's own: keys cached by decoding all precede the new token, and keys a session
+placed in the cache before the pass (temporal reuse: the previous step's keys of static visual
+tokens) are seen causally, whatever their order in the cache.
 
 The cache speaks transformers' cache protocol: its attention modules call
 `cache.update(key_states, value_states, layer_idx, kwargs=...)` (5.24; extra positional and keyword
@@ -26,37 +30,48 @@ class KVCache:
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
         self.valid: dict[int, torch.Tensor] = {}
+        self.positions: dict[int, torch.Tensor] = {}
         self.next_position: torch.Tensor | None = None  # (B,) original position of the next token
-        self._incoming: torch.Tensor | None = None
+        self._incoming: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def expect(self, valid: torch.Tensor) -> None:
-        """Validity (B, S) of the tokens the following `update` calls append (set by the layer loop)."""
-        self._incoming = valid
+    def expect(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
+        """Validity and original positions (B, S) of the tokens the following `update` calls append
+        (set by the layer loop)."""
+        self._incoming = (valid, positions)
+
+    def put(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor,
+            positions: torch.Tensor) -> None:
+        """Place keys/values (B, kv_heads, S, head_dim) of tokens that will not run through attention
+        layer `layer_idx` in this pass (their validity and positions (B, S)) before it runs."""
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        self.valid[layer_idx], self.positions[layer_idx] = valid, positions
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *_: object, **__: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' cache protocol: append one layer's new keys/values and return all of them."""
-        incoming = self._incoming
         shape = (key_states.shape[0], key_states.shape[2])
-        if incoming is None or tuple(incoming.shape) != shape:
-            got = None if incoming is None else tuple(incoming.shape)
+        got = None if self._incoming is None else tuple(self._incoming[0].shape)
+        if got != shape:
             raise RuntimeError(f"KVCache.update at layer {layer_idx}: validity of shape {shape} expected, got {got}")
+        valid, positions = self._incoming
         if layer_idx in self.keys:
             self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
             self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
-            self.valid[layer_idx] = torch.cat([self.valid[layer_idx], incoming], dim=1)
+            self.valid[layer_idx] = torch.cat([self.valid[layer_idx], valid], dim=1)
+            self.positions[layer_idx] = torch.cat([self.positions[layer_idx], positions], dim=1)
         else:
-            self.keys[layer_idx], self.values[layer_idx], self.valid[layer_idx] = key_states, value_states, incoming
+            self.put(layer_idx, key_states, value_states, valid, positions)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def with_past(self, layer_idx: int, mask: torch.Tensor) -> torch.Tensor:
-        """The boolean mask (B, 1, T, S_past + T) of new tokens whose own mask is `mask` (B, 1, T, T):
-        every valid cached key of attention layer `layer_idx` first (none before the first update)."""
+    def with_past(self, layer_idx: int, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The boolean mask (B, 1, T, S_past + T) of new tokens at `positions` (B, T) whose own mask is
+        `mask` (B, 1, T, T): every valid cached key of attention layer `layer_idx` at a position not
+        after the token's first (none before the first update)."""
         if layer_idx not in self.valid:
             return mask
-        past = self.valid[layer_idx][:, None, None, :].expand(-1, 1, mask.shape[2], -1)
-        return torch.cat([past, mask], dim=-1)
+        past = self.valid[layer_idx][:, None, :] & (self.positions[layer_idx][:, None, :] <= positions[:, :, None])
+        return torch.cat([past[:, None], mask], dim=-1)
 
     @property
     def layers(self) -> list[int]:

@@ -141,7 +141,8 @@ class LayerLoop:
     the layer first (sequential calibration); resuming runs it. Before layer i the hooks at i rewrite
     the state (then mask and rotary tables are rebuilt); a layer whose attention a hook observes gets
     an `attention_probe`. With a `cache`, each attention layer appends the keys/values of the tokens
-    it sees (with their validity) and attends to what the cache already holds for it. `state` is the
+    it sees (with their validity and positions) and attends causally to what the cache already holds
+    for it. `state` is the
     current token state (after the last layer once the loop is exhausted; the final norm is not
     applied)."""
 
@@ -170,9 +171,9 @@ class LayerLoop:
             attention = attention_of(layer)
             layer_mask = mask
             if self.cache is not None:
-                self.cache.expect(state.valid)
+                self.cache.expect(state.valid, state.position_ids)
                 if attention is not None:
-                    layer_mask = self.cache.with_past(attention.layer_idx, mask)
+                    layer_mask = self.cache.with_past(attention.layer_idx, mask, state.position_ids)
             state.hidden = call_layer(layer, state.hidden, layer_mask, state.position_ids, rotary, self.cache,
                                       **self._probe(i, state))
 
@@ -270,12 +271,15 @@ class LanguageModel(nn.Module):
         state = LayerLoop(self, self.text_state(ids, valid), hooks=[]).run()
         return self.lm_head(self.decoder.norm(state.hidden))
 
-    def forward(self, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None) -> TokenState:
-        """Run all decoder layers (and hooks) and the final norm; returns a new final token state.
+    def forward(self, state: TokenState, timer: Timer = NULL_TIMER, cache: KVCache | None = None,
+                hooks: Sequence[LayerHook] | None = None) -> TokenState:
+        """Run all decoder layers (and hooks: the model's own unless `hooks` is given) and the final
+        norm; returns a new final token state.
 
         Hook time is recorded under the stage `lm.prune` (a part of the caller's `lm` stage). With a
         `cache`, each attention layer appends the keys/values of the tokens it saw (with their
-        validity) to it, for the action expert and for decoding."""
-        state = LayerLoop(self, state, cache, timer=timer).run()
+        validity and positions) to it, for the action expert, for decoding and for a session's next
+        step."""
+        state = LayerLoop(self, state, cache, hooks, timer=timer).run()
         state.hidden = self.decoder.norm(state.hidden)
         return state

@@ -13,10 +13,13 @@ Both return normalized actions (B, chunk, action_dim) in [-1, 1]; the VLA unnorm
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from vlaopt.model.hooks import LayerHook
+from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.layout import TokenState
 from vlaopt.utils.registry import Registry
 from vlaopt.utils.timer import NULL_TIMER, Timer
@@ -36,9 +39,11 @@ class Policy(ABC):
 
     @abstractmethod
     def act(self, model: VLA, state: TokenState, noise: torch.Tensor | None, seed: int,
-            timer: Timer = NULL_TIMER) -> torch.Tensor:
+            timer: Timer = NULL_TIMER, cache: KVCache | None = None,
+            hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
         """Normalized actions (B, chunk, action_dim); stochastic heads start from `noise` when given,
-        else from Gaussian noise drawn with `seed`."""
+        else from Gaussian noise drawn with `seed`. A session (model/session.py) passes the `cache`
+        the LM pass fills (it may hold keys placed before the pass) and the `hooks` it runs."""
 
     @abstractmethod
     def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
@@ -64,9 +69,10 @@ class SlotPolicy(Policy):
         return model.config.num_action_tokens, 1
 
     def act(self, model: VLA, state: TokenState, noise: torch.Tensor | None, seed: int,
-            timer: Timer = NULL_TIMER) -> torch.Tensor:
+            timer: Timer = NULL_TIMER, cache: KVCache | None = None,
+            hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
         with timer.stage("lm"):
-            final = model.lm(state, timer)
+            final = model.lm(state, timer, cache=cache, hooks=hooks)
         with timer.stage("head"):
             batch = state.hidden.shape[0]
             if model.head.stochastic:

@@ -40,6 +40,7 @@ from vlaopt.model.layout import Layout, TokenState
 from vlaopt.model.normalize import BoundsNormalizer
 from vlaopt.model.policy import POLICIES, Policy
 from vlaopt.model.processor import ModelInputs, Processor
+from vlaopt.model.session import Session
 from vlaopt.model.tokenizer import load_tokenizer, special_ids
 from vlaopt.model.vision import VisionEncoder, mlp_projector
 from vlaopt.utils.io import atomic_write_text
@@ -104,6 +105,8 @@ class VLA(nn.Module):
         fixed = 1 + config.num_visual_tokens + int(config.proprio_dim > 0) + slots + stop
         self.runner: Callable[[ModelInputs, torch.Tensor | None, int], torch.Tensor] | None = None
         """Runs `network(inputs, noise, seed)` in its place when set (a compiled copy: optimize/compile/)."""
+        self.session_factory: Callable[[VLA], Session] | None = None
+        """Makes `session()`'s sessions when set (one that reuses work between steps: optimize/temporal/)."""
         self.processor = Processor(config, self.tokenizer, self.pad_id, fixed,
                                    getattr(self.lm.causal_lm.config, "max_position_embeddings", None))
 
@@ -221,13 +224,21 @@ class VLA(nn.Module):
         """The LM input token state for raw observations, checked as `predict_action` checks them."""
         return self.encode(self.preprocess(images, instructions, proprio))
 
-    def encode(self, inputs: ModelInputs, timer: Timer = NULL_TIMER) -> TokenState:
-        """The input token state of the LM: [BOS][visual][proprio][prompt] and the policy's suffix
-        (action slots with zero embeddings, STOP), positions counting valid tokens only."""
+    def visual_tokens(self, images: torch.Tensor, timer: Timer = NULL_TIMER) -> torch.Tensor:
+        """The visual segment of the LM input (B, cams * patches, D) for checked uint8 images
+        (B, cams, H, W, 3): each camera's patches through the vision encoder, then the projector."""
         with timer.stage("vision"):
-            patches = self.vision(inputs.images)
+            patches = self.vision(images)
         with timer.stage("projector"):
-            visual = self.projector(patches)
+            return self.projector(patches)
+
+    def encode(self, inputs: ModelInputs, timer: Timer = NULL_TIMER, visual: torch.Tensor | None = None) -> TokenState:
+        """The input token state of the LM: [BOS][visual][proprio][prompt] and the policy's suffix
+        (action slots with zero embeddings, STOP), positions counting valid tokens only. `visual`
+        (B, cams * patches, D) replaces `visual_tokens` of the images (a session reusing them)."""
+        if visual is None:
+            visual = self.visual_tokens(inputs.images, timer)
+        with timer.stage("projector"):
             batch, width = visual.shape[0], visual.shape[-1]
             slots, stop = self.policy.suffix(self)
             parts = [self.lm.embed(torch.full((batch, 1), self.bos_id, device=self.device)), visual]
@@ -273,6 +284,13 @@ class VLA(nn.Module):
             with timer.stage("network"):
                 actions = self.runner(inputs, noise, seed)
         return self.action_norm.unnormalize(actions.float())
+
+    def session(self) -> Session:
+        """A closed-loop session: `reset()` at each episode's start, then `step(images, instructions,
+        proprio)` -> actions as `predict_action`, with what it may reuse between steps kept inside it
+        (model/session.py). Without a temporal_reuse step it keeps nothing and gives `predict_action`'s
+        actions."""
+        return Session(self) if self.session_factory is None else self.session_factory(self)
 
     def network(self, inputs: ModelInputs, noise: torch.Tensor | None = None, seed: int = 0,
                 timer: Timer = NULL_TIMER) -> torch.Tensor:

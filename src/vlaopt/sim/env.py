@@ -44,6 +44,8 @@ DEFAULT_MAX_STEPS = 200
 """MetaWorld's experts finish MT10 tasks in 50-190 steps; MetaWorld's own horizon is 500."""
 PROPRIO_DIM = 4
 ACTION_DIM = 4
+CONTROL_HZ = 80.0
+"""MetaWorld's control rate: each env step is 5 MuJoCo steps of 2.5 ms (tests/test_sim.py checks it)."""
 
 
 class Frame(TypedDict):

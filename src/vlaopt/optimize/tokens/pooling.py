@@ -31,6 +31,7 @@ class PoolingPruner(TokenPruner):
     name = "pooling"
     config_cls = PoolingConfig
     needs_full_grid = True
+    merges_tokens = True
 
     def __init__(self, cfg: PoolingConfig, model) -> None:
         super().__init__(cfg, model)
