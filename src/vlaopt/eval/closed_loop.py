@@ -27,7 +27,15 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from vlaopt.eval.rollout import EpisodeResult, RolloutConfig, env_cameras, eval_seed, executed_actions, run_episode
+from vlaopt.eval.rollout import (
+    EpisodeResult,
+    RolloutConfig,
+    env_cameras,
+    eval_seed,
+    executed_actions,
+    mean_stats,
+    run_episode,
+)
 from vlaopt.model.vla import VLA
 from vlaopt.optimize import load
 from vlaopt.sim.env import CONTROL_HZ, DEFAULT_MAX_STEPS, SimEnv
@@ -281,15 +289,8 @@ def _latency(ran: list[EpisodeResult]) -> dict[str, Any]:
     """Means over episodes of predictions, modeled stall, per-prediction stage times and reuse statistics."""
     if not ran:
         return {}
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    def means(dicts: list[dict[str, float]]) -> dict[str, float]:
-        return {key: mean([d[key] for d in dicts if key in d]) for key in dict.fromkeys(k for d in dicts for k in d)}
-
-    return {"predictions": mean([r.predictions for r in ran]), "stall_s": mean([r.stall_s for r in ran]),
-            "stage_ms": means([r.stage_ms for r in ran]), "reuse": means([r.reuse for r in ran])}
+    return {**mean_stats([{"predictions": r.predictions, "stall_s": r.stall_s} for r in ran]),
+            "stage_ms": mean_stats([r.stage_ms for r in ran]), "reuse": mean_stats([r.reuse for r in ran])}
 
 
 def evaluate(model: VLA | str | Path, tasks: Sequence[str], cfg: EvalConfig, progress: bool = True,

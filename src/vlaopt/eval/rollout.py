@@ -172,14 +172,14 @@ def run_episode(model: VLA, env: SimEnv, task_episode: int, seed: int, cfg: Roll
             start = cfg.lead
     stages = {name: 1000 * seconds / policy.predictions for name, seconds in policy.timer.result().items()}
     return EpisodeResult(env.task, task_episode, seed, success, env.steps, policy.predictions, stall, stages,
-                         _mean_stats(session.history), np.stack(frames) if frames else None)
+                         mean_stats(session.history), np.stack(frames) if frames else None)
 
 
-def _mean_stats(history: list[dict[str, Any]]) -> dict[str, float]:
-    """The mean of each numeric statistic over a session's steps (booleans as fractions)."""
-    if not history:
-        return {}
-    return {key: float(np.mean([float(step[key]) for step in history])) for key in history[0]}
+def mean_stats(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean of each numeric entry over the records that hold it (booleans as fractions): a
+    session's per-step statistics, or episodes' stage times."""
+    keys = dict.fromkeys(key for record in records for key in record)
+    return {key: float(np.mean([float(r[key]) for r in records if key in r])) for key in keys}
 
 
 def _frame(images: np.ndarray) -> np.ndarray:

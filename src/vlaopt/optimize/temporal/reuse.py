@@ -40,7 +40,7 @@ from vlaopt.model.language import attention_of
 from vlaopt.model.layout import TokenState
 from vlaopt.model.session import Session
 from vlaopt.optimize.temporal.static import cosine, patchify, prompt_attention, static_patches, top_k_stable
-from vlaopt.optimize.tokens.base import keep_visual
+from vlaopt.optimize.tokens.base import keep_visual, to_front
 from vlaopt.utils.timer import NULL_TIMER, Timer
 
 if TYPE_CHECKING:
@@ -143,8 +143,7 @@ class _Reuse(LayerHook):
     def __init__(self, session: ReuseSession, cache: KVCache, candidates: torch.Tensor | None) -> None:
         super().__init__(session.cfg.first_layer)
         self.session, self.cache, self.candidates = session, cache, candidates
-        self.reused: torch.Tensor | None = None  # (B,) reused tokens per sample
-        self.reused_tokens: torch.Tensor | None = None  # (B, Nv) which visual tokens were reused
+        self.reused_tokens: torch.Tensor | None = None  # (B, Nv) which visual tokens were reused; None: none
         self.attention: torch.Tensor | None = None
 
     def observed_layers(self) -> tuple[int, ...]:
@@ -162,7 +161,6 @@ class _Reuse(LayerHook):
         span = state.layout.span("visual")
         positions, valid = state.position_ids[:, span], state.valid[:, span]
         if self.candidates is None:
-            self.reused = valid.new_zeros(valid.shape[0], dtype=torch.long)
             self.reused_tokens = None
             return state
         nv = self.candidates.shape[1]
@@ -173,14 +171,11 @@ class _Reuse(LayerHook):
             n = min(reuse.shape[1], memory.order.shape[1])
             same[:, :n] = positions[:, :n] == memory.order[:, :n]
             reuse = (reuse & same).long().cumprod(1).bool()
-        self.reused = reuse.sum(1)
         self.reused_tokens = self.session.per_visual(positions, reuse)
         if not bool(reuse.any()):
             return state
-        count = int(self.reused.max())
-        picked = torch.sort((~reuse).to(torch.int8), dim=1, stable=True).indices[:, :count]
+        picked, picked_valid = to_front(reuse)
         picked_positions = positions.gather(1, picked)
-        picked_valid = torch.arange(count, device=reuse.device)[None] < self.reused[:, None]
         old = memory.cache
         first = self.session.reading[0]
         slots = _slot_of(old.positions[first], old.valid[first], picked_positions)
@@ -263,7 +258,7 @@ class ReuseSession(Session):
         hook = _Reuse(self, cache, candidates)
         actions = model.policy.act(model, state, noise, seed, timer, cache, [*model.lm.hooks, hook])
         self._remember(inputs.images, pixels, fresh, inputs.instructions, visual, cache, hook, memory)
-        reused = hook.reused.float().mean().item()
+        reused = 0.0 if hook.reused_tokens is None else hook.reused_tokens.sum(1).float().mean().item()
         stats.update(reused=reused, layers=len(self.reading) if reused else 0)
         self.stats = stats
         self.history.append(stats)

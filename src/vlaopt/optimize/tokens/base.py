@@ -67,15 +67,20 @@ def keep_visual(state: TokenState, keep: torch.Tensor, at_most: int | None = Non
     after an earlier pruner padded), so no count is read back from the tensors and torch.compile
     traces one graph. Without it (LightVLA's votes) the length is the largest count in the batch."""
     span = state.layout.span("visual")
-    keep = keep & state.valid[:, span]
-    counts = keep.sum(1)
-    k = int(counts.max().item()) if at_most is None else at_most
-    # stable sort brings kept tokens to the front without reordering them
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    order, valid = to_front(keep & state.valid[:, span], at_most)
     hidden = state.hidden[:, span].gather(1, order[..., None].expand(-1, -1, state.hidden.shape[-1]))
     positions = state.position_ids[:, span].gather(1, order)
-    valid = torch.arange(k, device=keep.device)[None] < counts[:, None]
     return replace_visual(state, hidden, positions, valid)
+
+
+def to_front(mask: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B, K) of each row's True entries of `mask` (B, N), in their order, and which of the K
+    are real (the rest pad a row with fewer); K is `length`, else the largest count in the batch."""
+    counts = mask.sum(1)
+    k = int(counts.max().item()) if length is None else length
+    # a stable sort brings the True entries to the front without reordering them
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    return order, torch.arange(k, device=mask.device)[None] < counts[:, None]
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
