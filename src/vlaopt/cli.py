@@ -101,14 +101,38 @@ def _compress_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    """Import a checkpoint trained elsewhere (OpenVLA-OFT, LightVLA) as a vla-opt model folder."""
+    from vlaopt.importers import import_checkpoint
+    from vlaopt.model.vla import step_names
+
+    options = {k: v for k, v in (("platform", args.platform), ("chunk", args.chunk), ("unnorm_key", args.unnorm_key),
+                                 ("cameras", args.cameras)) if v is not None}
+    model = import_checkpoint(args.format, args.src, **options)
+    model.save_pretrained(args.out)
+    cfg = model.config
+    Console().print(f"imported {args.format} checkpoint {args.src} -> {args.out}: {cfg.vision.kind} vision "
+                    f"({cfg.vision.layout} layout, {cfg.vision.features} features), {cfg.lm.family} LM with "
+                    f"{model.lm.causal_lm.config.num_hidden_layers} layers, {cfg.head.kind} head, chunk {cfg.chunk} x "
+                    f"{cfg.action_dim}, proprio {cfg.proprio_dim}, {cfg.cameras} camera(s)"
+                    + (f"; recipe: {step_names(cfg.recipe)}" if cfg.recipe else ""))
+    return 0
+
+
 def _collect(args: argparse.Namespace) -> int:
     """Record successful scripted-expert episodes of MetaWorld tasks (`--resume` continues a killed run)."""
     from vlaopt.data.collect import collect
     from vlaopt.sim.tasks import resolve_tasks
 
-    index = collect(resolve_tasks(args.tasks), args.episodes_per_task, args.out, workers=args.workers,
-                    image_size=args.image_size, cameras=tuple(args.cameras), max_steps=args.max_steps, seed=args.seed,
-                    resume=args.resume)
+    options = {"workers": args.workers, "image_size": args.image_size, "cameras": tuple(args.cameras),
+               "max_steps": args.max_steps, "seed": args.seed, "resume": args.resume}
+    if args.format == "lerobot":
+        from vlaopt.data.lerobot import LeRobotSettings, collect_lerobot
+
+        settings = LeRobotSettings(use_videos=not args.no_videos)
+        index = collect_lerobot(resolve_tasks(args.tasks), args.episodes_per_task, args.out, settings=settings, **options)
+    else:
+        index = collect(resolve_tasks(args.tasks), args.episodes_per_task, args.out, **options)
     Console().print(f"wrote {index}")
     return 0
 
@@ -352,6 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for the optimized model; may be --model itself: only the model's files are "
                           "replaced, others there (heldout.npz, checkpoints, notes) are kept")
     opt.set_defaults(func=_optimize)
+    imp = sub.add_parser("import", help="import an OpenVLA-OFT / LightVLA checkpoint folder as a vla-opt model")
+    imp.add_argument("src", help="the checkpoint folder (config.json, model.safetensors, action_head--*.pt, ...)")
+    imp.add_argument("--format", required=True, choices=["oft", "lightvla"], help="the checkpoint's project")
+    imp.add_argument("--out", required=True, help="directory for the vla-opt model (only its own files are written)")
+    imp.add_argument("--platform", choices=["libero", "aloha", "bridge"],
+                     help="OFT's platform constants: chunk 8 / 25 / 5, q01-q99 / min-max / q01-q99 bounds "
+                          "(default libero, as OFT)")
+    imp.add_argument("--chunk", type=int, help="action chunk length, overriding the platform's")
+    imp.add_argument("--unnorm-key", help="which dataset's statistics unnormalize the actions (when there are several)")
+    imp.add_argument("--cameras", type=int, help="images per observation (OFT's num_images_in_input; default 1)")
+    imp.set_defaults(func=_import)
     from vlaopt.sim.env import CONTROL_HZ, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 
     clm = sub.add_parser("compress-lm", help="compress a bare causal LM (HF directory or .gguf) with a recipe's LM "
@@ -409,9 +444,14 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--seed", type=int, default=0, help="base seed of the episodes' initial states")
     col.add_argument("--resume", action="store_true",
                      help="continue the interrupted collection in --out (same settings; finished attempts are kept)")
+    col.add_argument("--format", choices=["episodes", "lerobot"], default="episodes",
+                     help="episodes: our npz files and index.json; lerobot: a LeRobot v3 dataset (docs/data.md)")
+    col.add_argument("--no-videos", action="store_true",
+                     help="--format lerobot: store images as PNG in the parquet files (exact) instead of mp4 (lossy)")
     col.set_defaults(func=_collect)
     tr = sub.add_parser("train", help="behaviour-clone a VLA on collected demonstrations")
-    tr.add_argument("--data", required=True, help="collection folder written by `vla-opt collect`")
+    tr.add_argument("--data", required=True,
+                    help="collection folder written by `vla-opt collect`, or a LeRobot v3 dataset folder (meta/info.json)")
     tr.add_argument("--config", help="VLAConfig as YAML or JSON (a new model)")
     tr.add_argument("--init", help="fine-tune this saved model (a directory, or 'default' / 'medium') instead of --config")
     tr.add_argument("--out", required=True,

@@ -20,6 +20,8 @@ from vlaopt.utils.io import atomic_write_text
 from vlaopt.utils.registry import Registry
 
 VISION_KINDS = ("siglip", "dinov2", "fused")
+VISION_LAYOUTS = ("hf", "timm")  # module layout of the backbones: transformers' models, or timm's ViT naming
+VISION_FEATURES = ("last", "penultimate")  # patch features: after the last block and final norm, or OFT's
 LM_FAMILIES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
@@ -33,8 +35,28 @@ def _field_names(cls: type) -> set[str]:
 
 
 @dataclass
+class ViTShape:
+    """The size of one ViT: width, depth, heads and MLP width."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+
+    def __post_init__(self) -> None:
+        check_positive(self, "vision.dinov2_shape.", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+
+
+@dataclass
 class VisionConfig:
-    """Vision backbone built from `transformers` config: SigLIP, DINOv2, or both fused per patch."""
+    """Vision backbone: SigLIP, DINOv2, or both fused per patch (channels concatenated, SigLIP first).
+
+    `layout` hf builds transformers' SiglipVisionModel / Dinov2Model; timm builds timm's ViT module
+    naming (model/vit.py), which OpenVLA-OFT checkpoints use, with `reg_tokens` DINOv2 registers.
+    `features` last takes the final block after the final norm; penultimate the second-to-last
+    block's raw output, as OpenVLA-OFT. `dinov2_shape` sizes the DINOv2 half of a fused encoder when
+    it differs from the SigLIP half (OFT: SigLIP-So400m 1152 wide beside DINOv2-L 1024 wide).
+    """
 
     kind: str = "siglip"
     image_size: int = 224
@@ -43,20 +65,49 @@ class VisionConfig:
     num_layers: int = 12
     num_heads: int = 12
     intermediate_size: int = 3072
+    layout: str = "hf"
+    features: str = "last"
+    reg_tokens: int = 0
+    dinov2_shape: ViTShape | None = None
 
     def __post_init__(self) -> None:
         check_choice("vision.kind", self.kind, VISION_KINDS)
+        check_choice("vision.layout", self.layout, VISION_LAYOUTS)
+        check_choice("vision.features", self.features, VISION_FEATURES)
         check_positive(self, "vision.", "image_size", "patch_size", "hidden_size", "num_layers", "num_heads",
                        "intermediate_size")
+        if isinstance(self.dinov2_shape, dict):
+            self.dinov2_shape = ViTShape(**self.dinov2_shape)
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"vision.image_size={self.image_size} must be a multiple of vision.patch_size={self.patch_size}"
             )
-        if self.kind != "siglip" and self.intermediate_size % self.hidden_size:
+        if not isinstance(self.reg_tokens, int) or self.reg_tokens < 0:
+            raise ValueError(f"vision.reg_tokens={self.reg_tokens!r} must be a non-negative integer")
+        if self.reg_tokens and self.layout != "timm":
+            raise ValueError(f"vision.reg_tokens={self.reg_tokens} needs vision.layout='timm' (transformers' "
+                             "Dinov2Model has no registers)")
+        if self.reg_tokens and self.kind == "siglip":
+            raise ValueError(f"vision.reg_tokens={self.reg_tokens}: registers belong to DINOv2, and vision.kind is "
+                             "'siglip'")
+        if self.dinov2_shape is not None and self.kind != "fused":
+            raise ValueError(f"vision.dinov2_shape sizes the DINOv2 half of a fused encoder; vision.kind is "
+                             f"{self.kind!r} (size it with hidden_size etc.)")
+        if self.features == "penultimate" and min(s.num_layers for s in self.shapes().values()) < 2:
+            raise ValueError("vision.features='penultimate' needs at least 2 layers in every backbone")
+        dinov2 = self.shapes().get("dinov2")
+        if self.layout == "hf" and dinov2 is not None and dinov2.intermediate_size % dinov2.hidden_size:
             raise ValueError(
-                f"vision.intermediate_size={self.intermediate_size} must be a multiple of "
-                f"vision.hidden_size={self.hidden_size} for DINOv2 (its MLP width is an integer ratio)"
+                f"vision.intermediate_size={dinov2.intermediate_size} must be a multiple of "
+                f"vision.hidden_size={dinov2.hidden_size} for DINOv2 (its MLP width is an integer ratio)"
             )
+
+    def shapes(self) -> dict[str, ViTShape]:
+        """Each backbone's size by name, in feature order (fused: SigLIP, then DINOv2)."""
+        own = ViTShape(self.hidden_size, self.num_layers, self.num_heads, self.intermediate_size)
+        if self.kind != "fused":
+            return {self.kind: own}
+        return {"siglip": own, "dinov2": self.dinov2_shape or own}
 
     @property
     def patches_per_image(self) -> int:
@@ -65,7 +116,7 @@ class VisionConfig:
     @property
     def feature_dim(self) -> int:
         """Width of one patch feature; fused concatenates the two backbones."""
-        return self.hidden_size * (2 if self.kind == "fused" else 1)
+        return sum(s.hidden_size for s in self.shapes().values())
 
 
 @dataclass
@@ -239,6 +290,9 @@ class VLAConfig:
     action_dim: int = 7
     chunk: int = 8
     bidirectional_actions: bool = True
+    full_attention: bool = False  # every token sees every token (OpenVLA-OFT's transformers fork), no causal mask
+    clip_actions: bool = True  # unnormalize clips the head's output to [-1, 1] first (OpenVLA-OFT does not)
+    prompt_suffix_ids: list[int] = field(default_factory=list)  # appended to each prompt (OFT + Llama-2: [29871])
     seed: int = 0
     recipe: list[dict[str, Any]] = field(default_factory=list)  # optimization steps applied, resolved
     dtype: str = "float32"  # of the saved weights; `save_pretrained` records it, `from_pretrained` builds in it

@@ -37,7 +37,8 @@ def split_episodes(entries: list[dict[str, Any]], val_fraction: float, seed: int
 
 
 class EpisodeDataset(Dataset):
-    """Per-timestep samples from the episodes of a collection folder, for one split.
+    """Per-timestep samples from the episodes of a collection folder (or a LeRobot v3 dataset folder, one
+    with meta/info.json: vlaopt.data.lerobot), for one split.
 
     Sample i, at step t of its episode, is a dict of tensors and strings:
       images         uint8 (n_cams, H, W, 3)  observed at t
@@ -60,7 +61,15 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"chunk must be at least 1, got {chunk}")
         self.root = Path(root)
         self.chunk = chunk
-        index = read_index(self.root)
+        lerobot = None
+        if (self.root / "meta" / "info.json").is_file():  # a LeRobot v3 dataset (pyarrow and PyAV only then)
+            from vlaopt.data.lerobot import LeRobotDataset
+
+            lerobot = LeRobotDataset.open(self.root)
+            index = {"settings": {k: v for k, v in lerobot.info.items() if k != "features"},
+                     "episodes": lerobot.entries()}
+        else:
+            index = read_index(self.root)
         self.settings: dict[str, Any] = index["settings"]
         self.entries = split_episodes(index["episodes"], val_fraction, seed)[split]
         if not self.entries:
@@ -68,7 +77,10 @@ class EpisodeDataset(Dataset):
                 f"split {split!r} of {self.root} is empty ({len(index['episodes'])} episodes in all, "
                 f"val_fraction={val_fraction})"
             )
-        episodes = [read_episode(self.root / entry["file"]) for entry in self.entries]
+        if lerobot is None:
+            episodes = [read_episode(self.root / entry["file"]) for entry in self.entries]
+        else:
+            episodes = list(lerobot.read([entry["episode_index"] for entry in self.entries]))
         first = episodes[0]
         for entry, episode in zip(self.entries, episodes, strict=True):
             if (episode.cameras, episode.images.shape[2:], episode.proprio.shape[1:]) != (

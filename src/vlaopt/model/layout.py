@@ -46,8 +46,12 @@ class Layout:
         return replace(self, visual=n)
 
 
-def _allowed(layout: Layout, bidirectional_actions: bool, keys: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """(Q, S) bool: query row may attend key column (causal, plus all-to-all among action slots)."""
+def _allowed(layout: Layout, bidirectional_actions: bool, keys: torch.Tensor, queries: torch.Tensor,
+             full: bool = False) -> torch.Tensor:
+    """(Q, S) bool: query row may attend key column (causal, plus all-to-all among action slots; `full`:
+    every key)."""
+    if full:
+        return torch.ones(len(queries), len(keys), dtype=torch.bool, device=keys.device)
     allowed = keys[None, :] <= queries[:, None]
     if bidirectional_actions:
         act = layout.span("action")
@@ -57,11 +61,11 @@ def _allowed(layout: Layout, bidirectional_actions: bool, keys: torch.Tensor, qu
 
 
 @lru_cache(maxsize=64)
-def _cached_allowed(layout: Layout, bidirectional_actions: bool, device: torch.device) -> torch.Tensor:
+def _cached_allowed(layout: Layout, bidirectional_actions: bool, full: bool, device: torch.device) -> torch.Tensor:
     """`_allowed` for every row of one layout, kept for the next call with that layout (a closed loop
     repeats a few layouts; building the mask was ~0.4 ms of medium's predict_action)."""
     keys = torch.arange(layout.length, device=device)
-    return _allowed(layout, bidirectional_actions, keys, keys)
+    return _allowed(layout, bidirectional_actions, keys, keys, full)
 
 
 @dataclass
@@ -73,14 +77,17 @@ class TokenState:
     valid: torch.Tensor  # (B, S) bool; False for padding
     layout: Layout
     bidirectional_actions: bool = True
+    full_attention: bool = False  # no causal mask at all (VLAConfig.full_attention)
 
     def attention_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean (B, 1, S, S) mask, True where a query may attend a key: causal over valid keys,
-        plus all-to-all among action slots when `bidirectional_actions`. `rows` (query indices)
+        plus all-to-all among action slots when `bidirectional_actions` (every valid key when
+        `full_attention`). `rows` (query indices)
         builds only those rows: (B, 1, len(rows), S)."""
         if rows is None and not torch.compiler.is_compiling():  # a compiled graph builds it in place
-            allowed = _cached_allowed(self.layout, self.bidirectional_actions, self.hidden.device)
+            allowed = _cached_allowed(self.layout, self.bidirectional_actions, self.full_attention, self.hidden.device)
         else:
             keys = torch.arange(self.hidden.shape[1], device=self.hidden.device)
-            allowed = _allowed(self.layout, self.bidirectional_actions, keys, keys if rows is None else rows)
+            allowed = _allowed(self.layout, self.bidirectional_actions, keys, keys if rows is None else rows,
+                               self.full_attention)
         return (allowed[None] & self.valid[:, None, :])[:, None]

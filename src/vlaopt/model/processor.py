@@ -176,6 +176,9 @@ class Processor:
         if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
+        suffix = list(self.config.prompt_suffix_ids)
+        if suffix and ids[-len(suffix):] != suffix:  # OFT appends Llama-2's empty token unless it ends the prompt
+            ids = ids + suffix
         self._prompt_cache[instruction] = ids
         return ids
 

@@ -1,4 +1,5 @@
-"""Vision side of the VLA: SigLIP / DINOv2 / fused patch encoder from `transformers`, and projectors.
+"""Vision side of the VLA: SigLIP / DINOv2 / fused patch encoder (transformers' models, or timm's
+layout from model/vit.py), and projectors.
 
 Images arrive as uint8 (B, cameras, H, W, 3); each camera is encoded separately and the patches of
 all cameras are concatenated, as in OpenVLA-OFT with several input images.
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model, SiglipVisionConfig, SiglipVisionModel
 
-from vlaopt.config import VisionConfig
+from vlaopt.config import VisionConfig, ViTShape
+from vlaopt.model.vit import TimmViT
 
 # Per-backbone pixel normalization (mean, std), as their image processors do.
 _PIXEL_STATS = {
@@ -19,26 +21,12 @@ _PIXEL_STATS = {
 }
 
 
-def _build_backbone(name: str, cfg: VisionConfig) -> nn.Module:
+def _build_hf_backbone(name: str, shape: ViTShape, cfg: VisionConfig) -> nn.Module:
+    common = {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "hidden_size": shape.hidden_size,
+              "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads}
     if name == "siglip":
-        hf = SiglipVisionConfig(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            hidden_size=cfg.hidden_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            intermediate_size=cfg.intermediate_size,
-        )
-        return SiglipVisionModel(hf)
-    hf = Dinov2Config(
-        image_size=cfg.image_size,
-        patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        mlp_ratio=cfg.intermediate_size // cfg.hidden_size,
-    )
-    return Dinov2Model(hf)
+        return SiglipVisionModel(SiglipVisionConfig(intermediate_size=shape.intermediate_size, **common))
+    return Dinov2Model(Dinov2Config(mlp_ratio=shape.intermediate_size // shape.hidden_size, **common))
 
 
 class VisionEncoder(nn.Module):
@@ -47,12 +35,30 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.names = ["siglip", "dinov2"] if cfg.kind == "fused" else [cfg.kind]
-        self.backbones = nn.ModuleDict({n: _build_backbone(n, cfg) for n in self.names})
+        shapes = cfg.shapes()
+        self.names = list(shapes)
+        penultimate = cfg.features == "penultimate"
+        if cfg.layout == "timm":
+            self.backbones = nn.ModuleDict({
+                n: TimmViT(n, s, cfg.image_size, cfg.patch_size, cfg.reg_tokens if n == "dinov2" else 0, penultimate)
+                for n, s in shapes.items()})
+        else:
+            self.backbones = nn.ModuleDict({n: _build_hf_backbone(n, s, cfg) for n, s in shapes.items()})
         for n in self.names:
             mean, std = _PIXEL_STATS[n]
             self.register_buffer(f"{n}_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
             self.register_buffer(f"{n}_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def _features(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of one backbone (prefix tokens dropped), at the configured layer."""
+        backbone = self.backbones[name]
+        if self.cfg.layout == "timm":
+            return backbone(pixels)
+        if self.cfg.features == "penultimate":
+            out = backbone(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        else:
+            out = backbone(pixel_values=pixels).last_hidden_state
+        return out[:, 1:] if name == "dinov2" else out  # drop DINOv2's CLS: keep patch tokens only
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, cams, h, w, _ = images.shape
@@ -61,10 +67,7 @@ class VisionEncoder(nn.Module):
         feats = []
         for n in self.names:
             x = (pixels - getattr(self, f"{n}_mean").to(dtype)) / getattr(self, f"{n}_std").to(dtype)
-            out = self.backbones[n](pixel_values=x).last_hidden_state
-            if n == "dinov2":
-                out = out[:, 1:]  # drop CLS: keep patch tokens only
-            feats.append(out)
+            feats.append(self._features(n, x))
         patches = torch.cat(feats, dim=-1)
         return patches.reshape(b, cams * patches.shape[1], patches.shape[2])
 

@@ -101,6 +101,9 @@ class VLA(nn.Module):
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.stop_id if pad is None else pad
         self.policy: Policy = POLICIES.get(self.head.policy)()
+        if config.full_attention and self.head.policy != "slots":
+            raise ValueError(f"full_attention (no causal mask) needs a head read after one LM pass; head.kind="
+                             f"{config.head.kind!r} decodes over a causal KV cache")
         slots, stop = self.policy.suffix(self)
         fixed = 1 + config.num_visual_tokens + int(config.proprio_dim > 0) + slots + stop
         self.runner: Callable[[ModelInputs, torch.Tensor | None, int], torch.Tensor] | None = None
@@ -254,7 +257,8 @@ class VLA(nn.Module):
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=self.device)
             valid[:, layout.span("prompt")] = inputs.prompt_valid
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
-        return TokenState(hidden, position_ids, valid, layout, self.config.bidirectional_actions)
+        return TokenState(hidden, position_ids, valid, layout, self.config.bidirectional_actions,
+                          self.config.full_attention)
 
     @torch.inference_mode()
     def predict_action(
@@ -283,7 +287,11 @@ class VLA(nn.Module):
         else:
             with timer.stage("network"):
                 actions = self.runner(inputs, noise, seed)
-        return self.action_norm.unnormalize(actions.float())
+        return self.unnormalize(actions)
+
+    def unnormalize(self, actions: torch.Tensor) -> torch.Tensor:
+        """Actions in the data's units (float32) from the network's normalized ones."""
+        return self.action_norm.unnormalize(actions.float(), clip=self.config.clip_actions)
 
     def session(self) -> Session:
         """A closed-loop session: `reset()` at each episode's start, then `step(images, instructions,

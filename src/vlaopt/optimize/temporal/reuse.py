@@ -95,6 +95,9 @@ def check_model(model: VLA, cfg: TemporalReuseConfig) -> tuple[list[int], int]:
     first = cfg.first_layer
     if first >= len(layers):
         raise ValueError(f"temporal_reuse start_layer={first} is past the LM's {len(layers)} decoder layers")
+    if model.config.full_attention:
+        raise ValueError("temporal_reuse keeps keys/values that depend only on earlier tokens, but this model has "
+                         "full_attention (every token sees the later ones: OpenVLA-OFT); it cannot reuse them")
     if model.runner is not None:
         raise ValueError("temporal_reuse runs the layer loop eagerly between steps; this model is compiled (a "
                          "compile step): put temporal_reuse on the model without it")
@@ -262,7 +265,7 @@ class ReuseSession(Session):
         stats.update(reused=reused, layers=len(self.reading) if reused else 0)
         self.stats = stats
         self.history.append(stats)
-        return model.action_norm.unnormalize(actions.float())
+        return model.unnormalize(actions)
 
     def _visual(self, images: torch.Tensor, pixels: torch.Tensor, memory: _Memory, timer: Timer,
                 stats: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ so a batch gives each sample's solo result.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -50,13 +50,8 @@ def replace_visual(
     def splice(full: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
         return torch.cat([full[:, before], vis, full[:, after]], dim=1)
 
-    return TokenState(
-        hidden=splice(state.hidden, hidden),
-        position_ids=splice(state.position_ids, position_ids),
-        valid=splice(state.valid, valid),
-        layout=state.layout.with_visual(hidden.shape[1]),
-        bidirectional_actions=state.bidirectional_actions,
-    )
+    return replace(state, hidden=splice(state.hidden, hidden), position_ids=splice(state.position_ids, position_ids),
+                   valid=splice(state.valid, valid), layout=state.layout.with_visual(hidden.shape[1]))
 
 
 def keep_visual(state: TokenState, keep: torch.Tensor, at_most: int | None = None) -> TokenState:
