@@ -1,4 +1,4 @@
-"""`vla-opt import`: tiny checkpoints in OpenVLA-OFT's exact layout (scripts/tiny_oft_checkpoint.py)
+"""`vla-opt import`: tiny checkpoints in OpenVLA-OFT's exact layout (scripts/tiny_checkpoint.py)
 against a reference forward typed here from OFT's equations (timm ViT blocks, Prismatic projector,
 the Llama run by transformers itself with OFT's bidirectional mask, MLPResNet, OFT's unnormalization)."""
 
@@ -22,9 +22,9 @@ from vlaopt.cli import main
 from vlaopt.importers import UnsupportedCheckpoint, import_checkpoint
 from vlaopt.model.processor import prompt_text
 
-_spec = importlib.util.spec_from_file_location("tiny_oft", Path(__file__).parents[1] / "scripts" / "tiny_oft_checkpoint.py")
-tiny_oft = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tiny_oft)
+_spec = importlib.util.spec_from_file_location("tiny", Path(__file__).parents[1] / "scripts" / "tiny_checkpoint.py")
+tiny = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tiny)
 
 IMAGE_MEAN = {"dinov2": (0.485, 0.456, 0.406), "siglip": (0.5, 0.5, 0.5)}
 IMAGE_STD = {"dinov2": (0.229, 0.224, 0.225), "siglip": (0.5, 0.5, 0.5)}
@@ -88,7 +88,7 @@ def ref_actions(src: Path, images: np.ndarray, instruction: str, proprio: np.nda
     lm = LlamaForCausalLM(text).eval()
     lm.load_state_dict({k.removeprefix("language_model."): v for k, v in sd.items() if k.startswith("language_model.")})
     embed = lm.get_input_embeddings()
-    tokenizer = tiny_oft.build_builtin_tokenizer()
+    tokenizer = tiny.build_builtin_tokenizer()
     ids = [1] + tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"] + [29871]
     prompt = embed(torch.tensor([ids]))
     parts = [prompt[:, :1], x]
@@ -141,7 +141,7 @@ def observation(cams: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 # ---- equivalence -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fused,proprio,cams", [(True, True, 2), (False, False, 1)])
 def test_oft_import_matches_the_reference_forward(tmp_path, fused, proprio, cams):
-    src = tiny_oft.write(tmp_path / "oft", fused=fused, proprio_dim=8 if proprio else 0)
+    src = tiny.write_oft(tmp_path / "oft", fused=fused, proprio_dim=8 if proprio else 0)
     model = import_checkpoint("oft", src, cameras=cams)
     assert model.config.vision.layout == "timm" and model.config.vision.features == "penultimate"
     for seed, instruction in enumerate(["open the drawer", "Push the Button"]):
@@ -153,7 +153,7 @@ def test_oft_import_matches_the_reference_forward(tmp_path, fused, proprio, cams
 
 
 def test_lightvla_import_adds_its_pruner_and_matches_the_reference(tmp_path):
-    src = tiny_oft.write(tmp_path / "oft", fused=True)
+    src = tiny.write_oft(tmp_path / "oft", fused=True)
     model = import_checkpoint("lightvla", src, cameras=2)
     assert [next(iter(e)) for e in model.config.recipe] == ["token_pruning"]
     images, state = observation(2, 3)
@@ -164,7 +164,7 @@ def test_lightvla_import_adds_its_pruner_and_matches_the_reference(tmp_path):
 
 
 def test_cli_import_saves_a_model_that_loads_and_takes_recipes(tmp_path, capsys):
-    src = tiny_oft.write(tmp_path / "oft", fused=True)
+    src = tiny.write_oft(tmp_path / "oft", fused=True)
     out = tmp_path / "vla"
     assert main(["import", "--format", "oft", str(src), "--out", str(out), "--cameras", "2"]) == 0
     assert "chunk 8 x 7, proprio 8, 2 camera(s)" in " ".join(capsys.readouterr().out.split())
@@ -179,7 +179,7 @@ def test_cli_import_saves_a_model_that_loads_and_takes_recipes(tmp_path, capsys)
 
 # ---- options and refusals ----------------------------------------------------------------------------
 def test_platform_sets_the_chunk_and_bounds(tmp_path):
-    src = tiny_oft.write(tmp_path / "oft", fused=False, proprio_dim=0)
+    src = tiny.write_oft(tmp_path / "oft", fused=False, proprio_dim=0)
     model = import_checkpoint("oft", src, platform="aloha")
     stats = json.loads((src / "dataset_statistics.json").read_text())["tiny_dataset"]["action"]
     assert model.config.chunk == 25
@@ -194,7 +194,7 @@ def _refusal(src: Path, **options) -> str:
 
 
 def test_refusals_name_what_cannot_be_represented(tmp_path):
-    src = tiny_oft.write(tmp_path / "oft", fused=False, proprio_dim=0, datasets=("a", "b"))
+    src = tiny.write_oft(tmp_path / "oft", fused=False, proprio_dim=0, datasets=("a", "b"))
     assert _refusal(src) == "the checkpoint has statistics of 2 datasets (a, b); choose one with unnorm_key"
     assert _refusal(src, unnorm_key="c") == "unnorm_key='c' is not among the statistics (a, b)"
     (src / "noisy_action_projector--100_checkpoint.pt").write_bytes(b"")
@@ -214,7 +214,7 @@ def test_refusals_name_what_cannot_be_represented(tmp_path):
 
 
 def test_pt_files_are_read_without_running_pickled_code(tmp_path):
-    src = tiny_oft.write(tmp_path / "oft", fused=False, proprio_dim=0)
+    src = tiny.write_oft(tmp_path / "oft", fused=False, proprio_dim=0)
     head = next(src.glob("action_head--*"))
     head.write_bytes(pickle.dumps(print))  # a pickle that names a callable: weights_only refuses it
     message = _refusal(src)

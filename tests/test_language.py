@@ -16,7 +16,7 @@ from vlaopt.config import LMConfig
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.language import LayerLoop, call_layer
 
-FAMILIES = ["llama", "qwen2", "qwen3"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -99,3 +99,13 @@ def test_a_missing_gguf_file_is_named(tmp_path):
     missing = tmp_path / "absent.gguf"
     with pytest.raises(FileNotFoundError, match=rf"^lm.pretrained='{missing}': no such GGUF file"):
         VLA(dataclasses.replace(VLAConfig.tiny(), lm=LMConfig(pretrained=str(missing))))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_layer_loop_gives_transformers_own_logits(family):
+    """Text through our loop (embedding scale, masks, rotary, final norm) equals the HF model's forward,
+    for every supported family (Gemma scales its embeddings by sqrt(hidden_size))."""
+    model = VLA(VLAConfig.tiny(lm=family)).eval()
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm.text_logits(ids), model.lm.causal_lm(ids).logits, atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ from conftest import observations
 
 from vlaopt import VLA, LMConfig, VLAConfig, load
 
-FAMILIES = ["llama", "qwen2", "qwen3"]
+FAMILIES = ["llama", "qwen2", "qwen3", "gemma"]
 HEADS = ["l1", "discrete", "diffusion", "flow"]
 
 

@@ -106,8 +106,8 @@ def _import(args: argparse.Namespace) -> int:
     from vlaopt.importers import import_checkpoint
     from vlaopt.model.vla import step_names
 
-    options = {k: v for k, v in (("platform", args.platform), ("chunk", args.chunk), ("unnorm_key", args.unnorm_key),
-                                 ("cameras", args.cameras)) if v is not None}
+    options = {k: getattr(args, k) for k in ("platform", "chunk", "unnorm_key", "cameras", "tokenizer", "steps", "asset",
+                                             "vlm_config") if getattr(args, k) is not None}
     model = import_checkpoint(args.format, args.src, **options)
     model.save_pretrained(args.out)
     cfg = model.config
@@ -216,7 +216,10 @@ def _bench(args: argparse.Namespace) -> int:
                       warmup=1 if args.quick else 3, eval_samples=16 if args.quick else held.HELDOUT_SAMPLES)
     available = held.for_model(model_dir, args.data, model.config.chunk)
     heldout = None if available is None else available.spread(cfg.eval_samples)
-    timing = heldout if heldout is not None and len(heldout) >= cfg.batch else random_observations(model.config, cfg.batch)
+    # without demonstrations (an imported model), data-driven steps calibrate on synthetic inputs: as many as
+    # the error column uses, so that every default recipe applies (the JSON records quality_inputs: random)
+    timing = heldout if heldout is not None and len(heldout) >= cfg.batch else random_observations(
+        model.config, max(cfg.batch, cfg.eval_samples))
     console, settings = Console(), {}
     if args.quick:
         samples = "no held-out samples" if heldout is None else f"{len(heldout)} of {len(available)} held-out samples"
@@ -376,16 +379,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="directory for the optimized model; may be --model itself: only the model's files are "
                           "replaced, others there (heldout.npz, checkpoints, notes) are kept")
     opt.set_defaults(func=_optimize)
-    imp = sub.add_parser("import", help="import an OpenVLA-OFT / LightVLA checkpoint folder as a vla-opt model")
+    imp = sub.add_parser("import", help="import an OpenVLA-OFT / LightVLA / pi0 / SmolVLA checkpoint folder as a vla-opt "
+                                        "model")
     imp.add_argument("src", help="the checkpoint folder (config.json, model.safetensors, action_head--*.pt, ...)")
-    imp.add_argument("--format", required=True, choices=["oft", "lightvla"], help="the checkpoint's project")
+    imp.add_argument("--format", required=True,
+                     choices=["oft", "lightvla", "openpi-pytorch", "lerobot-pi0", "lerobot-smolvla"],
+                     help="the checkpoint's project (README, 'Bring your own model')")
     imp.add_argument("--out", required=True, help="directory for the vla-opt model (only its own files are written)")
     imp.add_argument("--platform", choices=["libero", "aloha", "bridge"],
                      help="OFT's platform constants: chunk 8 / 25 / 5, q01-q99 / min-max / q01-q99 bounds "
                           "(default libero, as OFT)")
     imp.add_argument("--chunk", type=int, help="action chunk length, overriding the platform's")
     imp.add_argument("--unnorm-key", help="which dataset's statistics unnormalize the actions (when there are several)")
-    imp.add_argument("--cameras", type=int, help="images per observation (OFT's num_images_in_input; default 1)")
+    imp.add_argument("--cameras", type=int, help="images per observation (OFT's num_images_in_input, default 1; "
+                                                 "pi0: the images it does not mask, default 3 / LeRobot's features)")
+    imp.add_argument("--tokenizer", help="pi0 / SmolVLA: a local folder with the VLM's tokenizer (default: the "
+                                         "checkpoint's)")
+    imp.add_argument("--vlm-config", help="lerobot-smolvla: the config.json of the VLM it names (vlm_model_name)")
+    imp.add_argument("--steps", type=int, help="openpi-pytorch: flow steps (default 10, openpi's)")
+    imp.add_argument("--asset", help="openpi-pytorch: which assets/<asset id>/norm_stats.json (when several)")
     imp.set_defaults(func=_import)
     from vlaopt.sim.env import CONTROL_HZ, DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS
 

@@ -22,11 +22,17 @@ from vlaopt.utils.registry import Registry
 VISION_KINDS = ("siglip", "dinov2", "fused")
 VISION_LAYOUTS = ("hf", "timm")  # module layout of the backbones: transformers' models, or timm's ViT naming
 VISION_FEATURES = ("last", "penultimate")  # patch features: after the last block and final norm, or OFT's
-LM_FAMILIES = ("llama", "qwen2", "qwen3")
+LM_FAMILIES = ("llama", "qwen2", "qwen3", "gemma")
 DTYPES = ("float32", "bfloat16", "float16")
 KV_LAYER_CHOICES = ("all", "later")  # expert: VLM layers handing their KV to it (later = GR-3's later half)
 INTEGRATORS = ("euler", "midpoint")
 TRAJECTORY_MODES = ("flow", "autoregressive")
+EXPERT_CONVENTIONS = ("vlaopt", "pi0")  # flow time and its embedding: noise at t=0 (ours) or at t=1 (pi0)
+NORMALIZATIONS = ("bounds", "mean_std")  # actions / proprio: q01-q99 to [-1, 1] (OpenVLA) or z-score (pi0)
+PROJECTORS = ("mlp", "linear")  # vision -> LM: Prismatic's MLP, or PaliGemma's one linear layer
+PROMPT_STYLES = ("openvla", "paligemma", "smolvla")  # model/processor.py: [BOS] first + OpenVLA's template;
+# images first, then [BOS] text "\n" (pi0) or text "\n" without BOS (SmolVLA)
+PROPRIO_POSITIONS = ("before_prompt", "after_prompt")  # OFT: [visual][proprio][prompt]; SmolVLA: after the prompt
 TINY_HEAD = {"hidden_dim": 64, "num_blocks": 2, "steps": 4, "train_timesteps": 20}  # head fields of `tiny()`
 BUILTIN_VOCAB_SIZE = 3 + 256 + 256  # the built-in byte tokenizer: 3 specials, 256 bytes, 256 action bins
 
@@ -219,7 +225,12 @@ class ExpertHeadConfig(HeadConfig):
     """The action expert over the VLM's KV cache (pi0 / GR-3 / Alpamayo-R1; docs/expert.md): width
     `hidden_dim`, `steps` flow steps with `integrator`, the KV of `kv_layers` (all | later), optional
     `reasoning_tokens` decoded first (sampled when `temperature` > 0, with `top_p`), and `trajectory:
-    autoregressive` to decode `bins`-bin action tokens one by one instead of flowing."""
+    autoregressive` to decode `bins`-bin action tokens one by one instead of flowing. pi0's variant:
+    `state_token` (the proprio enters the expert as its first token, not the VLM prefix), `convention:
+    pi0` (noise at flow time 1, openpi's sine-cosine time embedding), `mlp_dim` (0: 4 x hidden_dim).
+    SmolVLA's: `self_attn_every` n > 1 (only layers i % n == 0 attend to the cache and the chunk; the
+    others cross-attend to the VLM layer's keys/values through their own k/v projections) and
+    `causal_actions` (chunk tokens see the earlier ones only)."""
 
     positive: ClassVar[tuple[str, ...]] = ("hidden_dim", "steps", "bins")
     kind: str = "expert"
@@ -232,9 +243,19 @@ class ExpertHeadConfig(HeadConfig):
     top_p: float = 1.0
     trajectory: str = "flow"
     bins: int = 256
+    state_token: bool = False
+    convention: str = "vlaopt"
+    mlp_dim: int = 0
+    self_attn_every: int = 1
+    causal_actions: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_choice("head.convention", self.convention, EXPERT_CONVENTIONS)
+        if not isinstance(self.self_attn_every, int) or self.self_attn_every < 1:
+            raise ValueError(f"head.self_attn_every={self.self_attn_every!r} must be a positive integer (1: every layer)")
+        if not isinstance(self.mlp_dim, int) or self.mlp_dim < 0:
+            raise ValueError(f"head.mlp_dim={self.mlp_dim!r} must be a non-negative integer (0: 4 x hidden_dim)")
         check_choice("head.kv_layers", self.kv_layers, KV_LAYER_CHOICES)
         check_choice("head.integrator", self.integrator, INTEGRATORS)
         check_choice("head.trajectory", self.trajectory, TRAJECTORY_MODES)
@@ -293,6 +314,14 @@ class VLAConfig:
     full_attention: bool = False  # every token sees every token (OpenVLA-OFT's transformers fork), no causal mask
     clip_actions: bool = True  # unnormalize clips the head's output to [-1, 1] first (OpenVLA-OFT does not)
     prompt_suffix_ids: list[int] = field(default_factory=list)  # appended to each prompt (OFT + Llama-2: [29871])
+    prompt_style: str = "openvla"  # PROMPT_STYLES: model/processor.py
+    projector: str = "mlp"  # PROJECTORS, vision -> LM
+    proprio_projector: str = "mlp"  # PROJECTORS, proprio -> LM (SmolVLA's state_proj: linear)
+    pixel_shuffle: int = 1  # SmolVLM's connector: each f x f block of patch features becomes one token
+    embed_scale: bool = False  # visual tokens and text embeddings times sqrt(hidden_size) (SmolVLA)
+    proprio_position: str = "before_prompt"  # PROPRIO_POSITIONS
+    proprio_block: bool = False  # with full_attention: the proprio sees all, nothing before it sees it (SmolVLA)
+    normalization: str = "bounds"  # NORMALIZATIONS
     seed: int = 0
     recipe: list[dict[str, Any]] = field(default_factory=list)  # optimization steps applied, resolved
     dtype: str = "float32"  # of the saved weights; `save_pretrained` records it, `from_pretrained` builds in it
@@ -300,12 +329,29 @@ class VLAConfig:
     def __post_init__(self) -> None:
         check_positive(self, "", "cameras", "action_dim", "chunk")
         check_choice("dtype", self.dtype, DTYPES)
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_choice("projector", self.projector, PROJECTORS)
+        check_choice("proprio_projector", self.proprio_projector, PROJECTORS)
+        check_choice("proprio_position", self.proprio_position, PROPRIO_POSITIONS)
+        grid = self.vision.image_size // self.vision.patch_size
+        if not isinstance(self.pixel_shuffle, int) or self.pixel_shuffle < 1 or grid % self.pixel_shuffle:
+            raise ValueError(f"pixel_shuffle={self.pixel_shuffle!r} must be a positive integer dividing the "
+                             f"{grid} x {grid} patch grid")
+        if self.proprio_block and not (self.full_attention and self.proprio_position == "after_prompt"):
+            raise ValueError("proprio_block makes the proprio the last block of a full-attention prefix: it needs "
+                             "full_attention and proprio_position 'after_prompt'")
+        check_choice("normalization", self.normalization, NORMALIZATIONS)
         if not isinstance(self.proprio_dim, int) or self.proprio_dim < 0:
             raise ValueError(f"proprio_dim={self.proprio_dim!r} must be a non-negative integer")
 
     @property
+    def token_patch(self) -> int:
+        """Pixels per side of the image patch one visual token stands for (after the pixel shuffle)."""
+        return self.vision.patch_size * self.pixel_shuffle
+
+    @property
     def num_visual_tokens(self) -> int:
-        return self.cameras * self.vision.patches_per_image
+        return self.cameras * (self.vision.image_size // self.token_patch) ** 2
 
     @property
     def num_action_tokens(self) -> int:

@@ -8,16 +8,21 @@ checkpoint with a part vla-opt does not model never turns into a silently differ
 
 from __future__ import annotations
 
+import inspect
 import json
 import pickle
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from vlaopt.model.checkpoint import unique_state
+from vlaopt.model.tokenizer import load_tokenizer
 from vlaopt.utils.registry import Registry
 
 IMPORTERS: Registry[Callable[..., Any]] = Registry("checkpoint format")
@@ -64,6 +69,27 @@ def read_pt(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise UnsupportedCheckpoint(f"{path} holds a {type(state).__name__}, expected a state dict")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off (a tokenizer load reads the source's config.json, whose model type
+    is no tokenizer's, and warns)."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def source_tokenizer(folder: Path, hint: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in `folder`; `hint` says where the project's tokenizer is, when there is none."""
+    try:
+        with quiet_transformers():
+            return load_tokenizer(str(folder))
+    except (OSError, ValueError) as exc:
+        raise UnsupportedCheckpoint(f"no tokenizer could be loaded from {folder} ({exc}); {hint}") from exc
 
 
 def find_one(src: Path, pattern: str) -> Path | None:
@@ -121,6 +147,14 @@ class WeightMap:
         return self.out
 
 
+def layer_count(weights: WeightMap, prefix: str) -> int:
+    """How many numbered layers `prefix`N. the source holds."""
+    found = {int(k[len(prefix):].split(".")[0]) for k in weights.left if k.startswith(prefix)}
+    if not found:
+        raise UnsupportedCheckpoint(f"{weights.source} has no tensors under {prefix}")
+    return max(found) + 1
+
+
 def load_into(model: torch.nn.Module, maps: list[WeightMap],
               own: tuple[str, ...] = ("action_norm.", "proprio_norm.")) -> None:
     """Load the mapped tensors into `model`: every model tensor (a tied one once) must be given, with
@@ -145,9 +179,18 @@ def load_into(model: torch.nn.Module, maps: list[WeightMap],
             expected[key].copy_(tensor)
 
 
+def options_of(fmt: str) -> list[str]:
+    """The options format `fmt`'s importer takes besides the source folder."""
+    return [p for p in inspect.signature(IMPORTERS.get(fmt)).parameters if p != "src"]
+
+
 def import_checkpoint(fmt: str, src: str | Path, **options: Any) -> Any:
     """The VLA that format `fmt`'s importer makes of the checkpoint folder `src`."""
     src = Path(src)
+    known = options_of(fmt)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"option {unknown[0]!r} does not apply to format {fmt!r}; it takes {', '.join(known)}")
     if not src.is_dir():
         raise UnsupportedCheckpoint(f"checkpoint folder {src} does not exist")
     return IMPORTERS.get(fmt)(src, **options)

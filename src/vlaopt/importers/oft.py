@@ -25,14 +25,11 @@ an action head, vision backbones other than SigLIP / DINOv2+SigLIP, LMs other th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.utils import logging as hf_logging
 
 from vlaopt.config import L1HeadConfig, LMConfig, VisionConfig, ViTShape, VLAConfig
 from vlaopt.importers.base import (
@@ -44,8 +41,8 @@ from vlaopt.importers.base import (
     read_json,
     read_pt,
     read_safetensors,
+    source_tokenizer,
 )
-from vlaopt.model.tokenizer import load_tokenizer
 from vlaopt.model.vla import VLA
 from vlaopt.optimize import apply
 
@@ -60,16 +57,6 @@ TIMM_VITS = {
 STOP_ID = 2  # OFT's STOP_INDEX ('</s>' of Llama-2)
 EMPTY_TOKEN = 29871  # appended to the prompt unless it ends it (OFT's predict_action)
 UNUSED = ("attn_pool.",)  # SigLIP's attention-pooling head: the patch features never reach it
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 @dataclass
@@ -203,11 +190,7 @@ def import_oft(src: str | Path, pruner: bool = False, **options: Any) -> VLA:
         cameras=opts.cameras, proprio_dim=0 if proprio is None else proprio.peek("fc1.weight").shape[1],
         action_dim=action_dim, chunk=opts.chunk or chunk, full_attention=True, clip_actions=False,
         prompt_suffix_ids=[EMPTY_TOKEN])
-    try:
-        with quiet_transformers():  # it reads config.json and warns that `openvla` is no tokenizer's model type
-            tokenizer = load_tokenizer(str(src))
-    except (OSError, ValueError) as exc:
-        raise UnsupportedCheckpoint(f"the tokenizer in {src} cannot be loaded: {exc}") from exc
+    tokenizer = source_tokenizer(src, "OFT checkpoints ship Llama-2's tokenizer files")
     if tokenizer.eos_token_id != STOP_ID:
         raise UnsupportedCheckpoint(f"the tokenizer's eos id is {tokenizer.eos_token_id}; OFT's STOP token is "
                                     f"{STOP_ID} (Llama-2's '</s>')")
@@ -247,10 +230,12 @@ def import_oft(src: str | Path, pruner: bool = False, **options: Any) -> VLA:
 
 
 @IMPORTERS.register("oft")
-def _oft(src: str | Path, **options: Any) -> VLA:
-    return import_oft(src, **options)
+def _oft(src: str | Path, platform: str = "libero", chunk: int | None = None, unnorm_key: str | None = None,
+         cameras: int = 1) -> VLA:
+    return import_oft(src, platform=platform, chunk=chunk, unnorm_key=unnorm_key, cameras=cameras)
 
 
 @IMPORTERS.register("lightvla")
-def _lightvla(src: str | Path, **options: Any) -> VLA:
-    return import_oft(src, pruner=True, **options)
+def _lightvla(src: str | Path, platform: str = "libero", chunk: int | None = None, unnorm_key: str | None = None,
+              cameras: int = 1) -> VLA:
+    return import_oft(src, pruner=True, platform=platform, chunk=chunk, unnorm_key=unnorm_key, cameras=cameras)

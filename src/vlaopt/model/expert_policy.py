@@ -88,7 +88,7 @@ def act(
             actions = bin_centers(cfg.bins, index.device)[index].reshape(batch, head.chunk, head.action_dim)
     else:
         with timer.stage("flow"):
-            actions = head.sample(cache, noise)
+            actions = head.sample(cache, noise, state.proprio)
     return ExpertRollout(actions, reasoning, cache)
 
 
@@ -126,4 +126,4 @@ class ExpertPolicy(Policy):
              generator: torch.Generator | None) -> torch.Tensor:
         """The expert's flow-matching loss, the prefix cache built with gradients."""
         cache, _ = fill_prefix(model, state)
-        return model.head.loss(cache, actions, generator)
+        return model.head.loss(cache, actions, generator, state.proprio)

@@ -100,9 +100,15 @@ class ExpertKV:
         keys = torch.cat([self.cache.keys[src], key_states], dim=2)
         return keys, torch.cat([self.cache.values[src], value_states], dim=2)
 
-    def mask(self, layer_idx: int, tokens: int) -> torch.Tensor:
-        """Boolean (B, 1, T, S + T) mask of expert layer `layer_idx`: every valid prefix key, and all
-        `tokens` expert tokens of the same sample (bidirectional)."""
+    def prefix_mask(self, layer_idx: int, tokens: int) -> torch.Tensor:
+        """Boolean (B, 1, T, S) mask of the valid prefix keys, for a layer that reads only the prefix."""
+        return self.cache.valid[self.layer_map[layer_idx]][:, None, None, :].expand(-1, 1, tokens, -1)
+
+    def mask(self, layer_idx: int, tokens: int, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Boolean (B, 1, T, S + T) mask of expert layer `layer_idx`: every valid prefix key, and among
+        the `tokens` expert tokens `own` (T, T), all of them (bidirectional) when None."""
         prefix = self.cache.valid[self.layer_map[layer_idx]]
-        own = prefix.new_ones(prefix.shape[0], tokens)
-        return torch.cat([prefix, own], dim=1)[:, None, None, :].expand(-1, 1, tokens, -1)
+        rows = prefix[:, None, None, :].expand(-1, 1, tokens, -1)
+        if own is None:
+            own = prefix.new_ones(tokens, tokens)
+        return torch.cat([rows, own[None, None].expand(prefix.shape[0], 1, -1, -1)], dim=-1)

@@ -223,6 +223,8 @@ class LanguageModel(nn.Module):
         return self.causal_lm.get_output_embeddings().weight.shape[0]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the first decoder layer takes them (Gemma's embedding module scales them
+        by sqrt(hidden_size) itself; the VLA's image tokens bypass it, as in PaliGemma)."""
         return self.decoder.embed_tokens(ids)
 
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The Layout: the one object that knows where each segment of the VLA sequence lies.
 
-Sequence: [BOS][visual][proprio][prompt][action slots][STOP]. Segments are contiguous ranges shared
-by the whole batch; per-sample padding (prompts of different lengths, or visual tokens kept in
-different numbers by a pruner) is carried by the `valid` mask of a `TokenState`, not by the Layout.
+Sequence: [BOS][visual][proprio][prompt][action slots][STOP] (SmolVLA: the proprio after the prompt).
+Segments are contiguous ranges shared by the whole batch; per-sample padding (prompts of different
+lengths, or visual tokens kept in different numbers by a pruner) is carried by the `valid` mask of a
+`TokenState`, not by the Layout.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from functools import lru_cache
 import torch
 
 SEGMENTS = ("bos", "visual", "proprio", "prompt", "action", "stop")
+AFTER_PROMPT = ("bos", "visual", "prompt", "proprio", "action", "stop")
 
 
 @dataclass(frozen=True)
@@ -25,12 +27,18 @@ class Layout:
     action: int
     bos: int = 1
     stop: int = 1
+    proprio_after_prompt: bool = False  # SmolVLA's order: [visual][prompt][proprio]
+    proprio_block: bool = False  # full attention: the proprio (and what follows) is hidden from what precedes it
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return AFTER_PROMPT if self.proprio_after_prompt else SEGMENTS
 
     def span(self, name: str) -> slice:
         if name not in SEGMENTS:
             raise KeyError(f"unknown segment {name!r}; expected one of {', '.join(SEGMENTS)}")
         start = 0
-        for seg in SEGMENTS:
+        for seg in self.order:
             length = getattr(self, seg)
             if seg == name:
                 return slice(start, start + length)
@@ -51,7 +59,10 @@ def _allowed(layout: Layout, bidirectional_actions: bool, keys: torch.Tensor, qu
     """(Q, S) bool: query row may attend key column (causal, plus all-to-all among action slots; `full`:
     every key)."""
     if full:
-        return torch.ones(len(queries), len(keys), dtype=torch.bool, device=keys.device)
+        if not layout.proprio_block:
+            return torch.ones(len(queries), len(keys), dtype=torch.bool, device=keys.device)
+        start = layout.span("proprio").start  # big_vision's blocks: a later block sees the earlier ones
+        return ~((keys[None, :] >= start) & (queries[:, None] < start))
     allowed = keys[None, :] <= queries[:, None]
     if bidirectional_actions:
         act = layout.span("action")
@@ -78,6 +89,7 @@ class TokenState:
     layout: Layout
     bidirectional_actions: bool = True
     full_attention: bool = False  # no causal mask at all (VLAConfig.full_attention)
+    proprio: torch.Tensor | None = None  # (B, P) normalized, for a head that takes it outside the sequence (pi0)
 
     def attention_mask(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean (B, 1, S, S) mask, True where a query may attend a key: causal over valid keys,

@@ -2,7 +2,8 @@
 
 A `Processor` checks a batch of raw observations (images, instructions, proprio) against the model's
 configuration, with one error naming the bad value, and tokenizes the instructions into OpenVLA's
-prompt, right-padded across the batch. Everything a caller may get wrong is caught here, before any
+prompt (or pi0's / SmolVLA's: `prompt_style`), right-padded across the batch. Everything a
+caller may get wrong is caught here, before any
 network runs (an instruction too long for the LM's positions, too). The model then only encodes
 `ModelInputs`.
 """
@@ -27,6 +28,12 @@ PROMPT_CACHE_SIZE = 1024
 def prompt_text(instruction: str) -> str:
     """OpenVLA's prompt template around a task instruction."""
     return f"In: What action should the robot take to {instruction.strip().lower()}?\nOut:"
+
+
+def paligemma_text(instruction: str) -> str:
+    """pi0's prompt (openpi's PaligemmaTokenizer, LeRobot's newline step): the instruction cleaned of
+    underscores and newlines, then "\n", the start of the answer; the BOS goes before it, after the images."""
+    return instruction.strip().replace("_", " ").replace("\n", " ") + "\n"
 
 
 @dataclass
@@ -92,11 +99,12 @@ class Processor:
     `fixed_positions` is the number of sequence positions besides the prompt (BOS, visual, proprio,
     action slots, STOP); with the LM's `max_positions` it bounds the prompt length."""
 
-    def __init__(self, config: VLAConfig, tokenizer: PreTrainedTokenizerBase, pad_id: int, fixed_positions: int,
-                 max_positions: int | None) -> None:
+    def __init__(self, config: VLAConfig, tokenizer: PreTrainedTokenizerBase, pad_id: int, bos_id: int,
+                 fixed_positions: int, max_positions: int | None) -> None:
         self.config = config
         self.tokenizer = tokenizer
         self.pad_id = pad_id
+        self.bos_id = bos_id
         self.fixed_positions = fixed_positions
         self.max_positions = max_positions
         self._prompt_cache: OrderedDict[str, list[int]] = OrderedDict()
@@ -175,7 +183,13 @@ class Processor:
             return ids
         if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
-        ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
+        if self.config.prompt_style == "paligemma":
+            ids = [self.bos_id] + self.tokenizer(paligemma_text(instruction), add_special_tokens=False)["input_ids"]
+        elif self.config.prompt_style == "smolvla":  # LeRobot's newline step, no BOS
+            text = instruction if instruction.endswith("\n") else instruction + "\n"
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = self.tokenizer(prompt_text(instruction), add_special_tokens=False)["input_ids"]
         suffix = list(self.config.prompt_suffix_ids)
         if suffix and ids[-len(suffix):] != suffix:  # OFT appends Llama-2's empty token unless it ends the prompt
             ids = ids + suffix

@@ -72,6 +72,24 @@ class VisionEncoder(nn.Module):
         return patches.reshape(b, cams * patches.shape[1], patches.shape[2])
 
 
+def pixel_shuffle(patches: torch.Tensor, cameras: int, factor: int) -> torch.Tensor:
+    """SmolVLM's connector input: each factor x factor block of a camera's patch grid as one token whose
+    features are the block's features in SmolVLM's order; tokens stay in raster order of the blocks.
+    (B, cams * P, D) -> (B, cams * P / factor^2, D * factor^2)."""
+    if factor == 1:
+        return patches
+    b, n, d = patches.shape
+    side = round((n // cameras) ** 0.5)
+    x = patches.reshape(b * cameras, side, side // factor, d * factor)  # rows, column blocks
+    x = x.transpose(1, 2).reshape(b * cameras, side // factor, side // factor, d * factor * factor)
+    return x.transpose(1, 2).reshape(b, n // factor ** 2, d * factor ** 2)
+
+
+def projector(kind: str, in_dim: int, out_dim: int, fused: bool) -> nn.Module:
+    """`linear` (PaliGemma's, SmolVLM's) or Prismatic's `mlp`."""
+    return nn.Linear(in_dim, out_dim) if kind == "linear" else mlp_projector(in_dim, out_dim, fused)
+
+
 def mlp_projector(in_dim: int, out_dim: int, fused: bool) -> nn.Sequential:
     """Prismatic's projector: 2 layers, or 3 (through 4x the input width) for fused features."""
     if fused:

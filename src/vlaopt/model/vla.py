@@ -37,12 +37,12 @@ from vlaopt.model.checkpoint import (
 from vlaopt.model.heads import build_head
 from vlaopt.model.language import LanguageModel, build_causal_lm
 from vlaopt.model.layout import Layout, TokenState
-from vlaopt.model.normalize import BoundsNormalizer
+from vlaopt.model.normalize import NORMALIZERS
 from vlaopt.model.policy import POLICIES, Policy
 from vlaopt.model.processor import ModelInputs, Processor
 from vlaopt.model.session import Session
 from vlaopt.model.tokenizer import load_tokenizer, special_ids
-from vlaopt.model.vision import VisionEncoder, mlp_projector
+from vlaopt.model.vision import VisionEncoder, pixel_shuffle, projector
 from vlaopt.utils.io import atomic_write_text
 from vlaopt.utils.timer import NULL_TIMER, Timer
 
@@ -85,13 +85,17 @@ class VLA(nn.Module):
             self.vision = VisionEncoder(config.vision)
             self.lm = LanguageModel(build_causal_lm(config.lm, load_weights=load_lm_weights))
             width = self.lm.hidden_size
-            self.projector = mlp_projector(config.vision.feature_dim, width, fused=config.vision.kind == "fused")
-            self.proprio_projector = mlp_projector(config.proprio_dim, width, False) if config.proprio_dim else None
-            self.head = build_head(config.head, width, config.action_dim, config.chunk, self.lm.causal_lm.config)
+            features = config.vision.feature_dim * config.pixel_shuffle ** 2
+            self.projector = projector(config.projector, features, width, fused=config.vision.kind == "fused")
+            in_prefix = config.proprio_dim and not getattr(config.head, "state_token", False)
+            self.proprio_projector = projector(config.proprio_projector, config.proprio_dim, width,
+                                               False) if in_prefix else None
+            self.head = build_head(config.head, width, config.action_dim, config.chunk, self.lm.causal_lm.config,
+                                   config.proprio_dim)
         # A saved model must rebuild without the directory its LM came from.
         config.lm.hf_config = {k: v for k, v in self.lm.causal_lm.config.to_dict().items() if k != "transformers_version"}
-        self.action_norm = BoundsNormalizer(config.action_dim)
-        self.proprio_norm = BoundsNormalizer(config.proprio_dim)
+        self.action_norm = NORMALIZERS[config.normalization](config.action_dim)
+        self.proprio_norm = NORMALIZERS[config.normalization](config.proprio_dim)
         self.tokenizer = tokenizer or load_tokenizer(config.lm.pretrained or "builtin")
         if len(self.tokenizer) > self.lm.vocab_size:
             raise ValueError(
@@ -101,16 +105,18 @@ class VLA(nn.Module):
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.stop_id if pad is None else pad
         self.policy: Policy = POLICIES.get(self.head.policy)()
-        if config.full_attention and self.head.policy != "slots":
-            raise ValueError(f"full_attention (no causal mask) needs a head read after one LM pass; head.kind="
-                             f"{config.head.kind!r} decodes over a causal KV cache")
+        decodes = getattr(config.head, "reasoning_tokens", 0) or getattr(config.head, "trajectory", "flow") != "flow"
+        if config.full_attention and decodes:
+            raise ValueError("full_attention (no causal mask) cannot decode tokens over the cache: the head reasons "
+                             "or decodes its trajectory (head.reasoning_tokens / head.trajectory)")
         slots, stop = self.policy.suffix(self)
-        fixed = 1 + config.num_visual_tokens + int(config.proprio_dim > 0) + slots + stop
+        bos = int(config.prompt_style == "openvla")  # paligemma: the BOS starts the prompt, after the images
+        fixed = bos + config.num_visual_tokens + int(self.proprio_projector is not None) + slots + stop
         self.runner: Callable[[ModelInputs, torch.Tensor | None, int], torch.Tensor] | None = None
         """Runs `network(inputs, noise, seed)` in its place when set (a compiled copy: optimize/compile/)."""
         self.session_factory: Callable[[VLA], Session] | None = None
         """Makes `session()`'s sessions when set (one that reuses work between steps: optimize/temporal/)."""
-        self.processor = Processor(config, self.tokenizer, self.pad_id, fixed,
+        self.processor = Processor(config, self.tokenizer, self.pad_id, self.bos_id, fixed,
                                    getattr(self.lm.causal_lm.config, "max_position_embeddings", None))
 
     # ---- construction ---------------------------------------------------------------------------
@@ -233,7 +239,7 @@ class VLA(nn.Module):
         with timer.stage("vision"):
             patches = self.vision(images)
         with timer.stage("projector"):
-            return self.projector(patches)
+            return self.projector(pixel_shuffle(patches, images.shape[1], self.config.pixel_shuffle))
 
     def encode(self, inputs: ModelInputs, timer: Timer = NULL_TIMER, visual: torch.Tensor | None = None) -> TokenState:
         """The input token state of the LM: [BOS][visual][proprio][prompt] and the policy's suffix
@@ -244,21 +250,26 @@ class VLA(nn.Module):
         with timer.stage("projector"):
             batch, width = visual.shape[0], visual.shape[-1]
             slots, stop = self.policy.suffix(self)
-            parts = [self.lm.embed(torch.full((batch, 1), self.bos_id, device=self.device)), visual]
-            if self.proprio_projector is not None:
-                proprio = self.proprio_norm.normalize(inputs.proprio).to(visual.dtype)
-                parts.append(self.proprio_projector(proprio)[:, None])
-            parts.append(self.lm.embed(inputs.prompt_ids))
+            cfg = self.config
+            bos = int(cfg.prompt_style == "openvla")
+            prompt = self.lm.embed(inputs.prompt_ids)
+            if cfg.embed_scale:  # SmolVLA scales its image and text embeddings by sqrt(width)
+                visual, prompt = (x * torch.tensor(width ** 0.5, dtype=x.dtype) for x in (visual, prompt))
+            parts = [self.lm.embed(torch.full((batch, bos), self.bos_id, device=self.device)), visual]
+            proprio = None if inputs.proprio is None else self.proprio_norm.normalize(inputs.proprio).to(visual.dtype)
+            state = [] if self.proprio_projector is None else [self.proprio_projector(proprio)[:, None]]
+            after = cfg.proprio_position == "after_prompt"
+            parts += [prompt, *state] if after else [*state, prompt]
             parts.append(visual.new_zeros(batch, slots, width))
             parts.append(self.lm.embed(torch.full((batch, stop), self.stop_id, device=self.device)))
             hidden = torch.cat(parts, dim=1)
-            layout = Layout(visual=visual.shape[1], proprio=1 if self.proprio_projector is not None else 0,
-                            prompt=inputs.prompt_ids.shape[1], action=slots, stop=stop)
+            layout = Layout(visual=visual.shape[1], proprio=len(state), prompt=inputs.prompt_ids.shape[1], action=slots,
+                            bos=bos, stop=stop, proprio_after_prompt=after, proprio_block=cfg.proprio_block)
             valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=self.device)
             valid[:, layout.span("prompt")] = inputs.prompt_valid
             position_ids = (valid.long().cumsum(1) - 1).clamp(min=0)
         return TokenState(hidden, position_ids, valid, layout, self.config.bidirectional_actions,
-                          self.config.full_attention)
+                          self.config.full_attention, None if self.proprio_projector is not None else proprio)
 
     @torch.inference_mode()
     def predict_action(

@@ -34,7 +34,7 @@ class ActionHead(nn.Module):
 
     @classmethod
     def build(cls, cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int,
-              lm_config: PretrainedConfig) -> ActionHead:
+              lm_config: PretrainedConfig, proprio_dim: int = 0) -> ActionHead:
         return cls(cfg, hidden_size, action_dim, chunk)
 
     def per_step(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -54,8 +54,9 @@ class ActionHead(nn.Module):
 
 
 def build_head(
-    cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int, lm_config: PretrainedConfig
+    cfg: HeadConfig, hidden_size: int, action_dim: int, chunk: int, lm_config: PretrainedConfig, proprio_dim: int = 0
 ) -> nn.Module:
     """Instantiate the head named by `cfg.kind` through its `build` (slot heads take the LM's width;
-    the expert takes the LM's HF config, whose family and attention geometry it shares)."""
-    return HEADS.get(cfg.kind).build(cfg, hidden_size, action_dim, chunk, lm_config)
+    the expert takes the LM's HF config, whose family and attention geometry it shares, and the
+    proprio width when the state is its first token)."""
+    return HEADS.get(cfg.kind).build(cfg, hidden_size, action_dim, chunk, lm_config, proprio_dim)

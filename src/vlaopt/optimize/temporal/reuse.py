@@ -205,9 +205,8 @@ class ReuseSession(Session):
         super().__init__(model)
         self.cfg = cfg
         self.reading, self.relevance_layer = check_model(model, cfg)
-        vision = model.config.vision
-        self.patch = vision.patch_size
-        self.patches = (vision.image_size // vision.patch_size) ** 2
+        self.patch = model.config.token_patch  # the pixels one visual token stands for
+        self.patches = (model.config.vision.image_size // self.patch) ** 2
         self.memory: _Memory | None = None
 
     def reset(self) -> None:

@@ -36,7 +36,7 @@ class PoolingPruner(TokenPruner):
     def __init__(self, cfg: PoolingConfig, model) -> None:
         super().__init__(cfg, model)
         self.cameras = model.config.cameras
-        self.grid = model.config.vision.image_size // model.config.vision.patch_size
+        self.grid = model.config.vision.image_size // model.config.token_patch
         self.kernel = pool_kernel(cfg.keep)
 
     def forward(self, state: TokenState) -> TokenState:
