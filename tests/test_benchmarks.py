@@ -35,6 +35,7 @@ TINY = {
                          "--length", "16"],
     "expert": ["--hidden", "64", "--layers", "2", "--expert-width", "32", "--chunk", "2", "--action-dim", "2",
                "--reasoning", "40"],
+    "speculative": ["--lm", "tiny", "--reasoning", "8", "--layers", "2", "--repeats", "1", "--warmup", "0"],
     "temporal_reuse": ["--model", "default", "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "12"],
     "token_pruning": ["--hidden", "64", "--layers", "2", "--keeps", "0.25", "--fastv-layer", "1"],
 }
@@ -105,6 +106,12 @@ def test_script_writes_the_fields_of_its_committed_result(name, tmp_path, torch_
         flow = {int(m.removeprefix("flow")): s["flow"] for m, s in result["stage_ms_median"].items()
                 if re.fullmatch(r"flow\d+", m)}
         assert flow[10] > flow[1]  # the flow_steps recipe step took effect
+    elif name == "speculative":
+        assert set(result) == set(committed) and set(result["machine"]) == MACHINE
+        assert set(result["setting"]) == set(committed["setting"])
+        assert list(result["modes"]) == ["plain", "self-2", "ngram-3"]
+        fields = set(committed["modes"]["plain"])
+        assert all(set(row) == fields and row["identical_tokens"] for row in result["modes"].values())
     elif name == "temporal_reuse":
         assert set(result) == set(committed) and set(result["machine"]) == MACHINE
         assert set(result["setting"]) == set(committed["setting"])

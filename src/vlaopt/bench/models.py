@@ -18,7 +18,7 @@ from vlaopt.model.vla import VLA
 from vlaopt.optimize import apply
 
 INSTRUCTION = "put the bowl on the plate and push the block to the goal"
-WEIGHT_FREE_STEPS = ("token_pruning", "flow_steps")
+WEIGHT_FREE_STEPS = ("token_pruning", "flow_steps", "speculative")
 """Recipe steps that leave every weight of the model as it is (copies may then share them)."""
 
 

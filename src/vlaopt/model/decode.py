@@ -8,6 +8,8 @@ sample that has stopped appends an invalid (masked) slot, so a batch gives each 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -33,10 +35,23 @@ def last_token_logits(lm: LanguageModel, final: TokenState) -> torch.Tensor:
 def decode_step(lm: LanguageModel, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Feed one token per sample (`ids` (B,), `valid` (B,) False for samples that have stopped) and
     return the next-token logits (B, V); the cache grows by one slot per layer."""
-    token = TokenState(lm.embed(ids[:, None]), cache.next_position[:, None], valid[:, None], ONE_TOKEN)
-    final = LayerLoop(lm, token, cache, hooks=()).run()
-    cache.next_position = cache.next_position + valid.long()
-    return lm.lm_head(lm.decoder.norm(final.hidden))[:, 0]
+    return feed(lm, cache, ids[:, None], valid[:, None])[:, 0]
+
+
+def feed(lm: LanguageModel, cache: KVCache, ids: torch.Tensor, valid: torch.Tensor,
+         depth: int | None = None) -> torch.Tensor:
+    """Feed T tokens per sample at once (`ids` (B, T), causal among themselves, at the positions after
+    each sample's last; `valid` (B, T)) and return the logits after each (B, T, V): speculative
+    decoding verifies T drafted tokens in one pass. The cache grows by T slots per layer. `depth`
+    stops after that many decoder layers (an early-exit draft reading the shared LM head)."""
+    positions = cache.next_position[:, None] + valid.long().cumsum(1) - 1
+    tokens = TokenState(lm.embed(ids), positions.clamp(min=0), valid, replace(ONE_TOKEN, prompt=ids.shape[1]))
+    loop = LayerLoop(lm, tokens, cache, hooks=())
+    for layer in loop:
+        if layer.index == depth:
+            break
+    cache.next_position = cache.next_position + valid.long().sum(1)
+    return lm.lm_head(lm.decoder.norm(loop.state.hidden))
 
 
 def text_processors(forbidden: list[int], temperature: float, top_p: float, device: torch.device) -> LogitsProcessorList:

@@ -79,7 +79,8 @@ def act(
         with timer.stage("reasoning"):
             processors = text_processors(forbidden_text_ids(model), cfg.temperature, cfg.top_p, model.device)
             sampler = gen if cfg.temperature > 0 else None
-            reasoning, logits = generate_text(
+            generate = model.text_decoder or generate_text
+            reasoning, logits = generate(
                 model.lm, cache, logits, cfg.reasoning_tokens, processors, model.stop_id, model.pad_id, sampler
             )
     if cfg.trajectory == "autoregressive":

@@ -77,6 +77,22 @@ class KVCache:
     def layers(self) -> list[int]:
         return sorted(self.keys)
 
+    def fork(self, layers: list[int]) -> KVCache:
+        """A cache holding this one's entries for `layers` (shared tensors: appending to the fork
+        leaves this cache as it is), for a draft that runs only those layers."""
+        out = KVCache()
+        for store in ("keys", "values", "valid", "positions"):
+            getattr(out, store).update({i: getattr(self, store)[i] for i in layers if i in self.keys})
+        out.next_position = self.next_position
+        return out
+
+    def keep_last(self, kept: torch.Tensor, count: int) -> None:
+        """Of the last `count` slots of every layer, keep the first `kept` (B,) valid per sample and mask
+        the rest out (drafted tokens that verification rejected; the caller sets `next_position`)."""
+        keep = torch.arange(count, device=kept.device)[None] < kept[:, None]
+        for i in self.keys:
+            self.valid[i] = torch.cat([self.valid[i][:, :-count], self.valid[i][:, -count:] & keep], dim=1)
+
     def length(self, layer_idx: int) -> int:
         """Number of cached key slots (valid or not) at one layer."""
         return self.keys[layer_idx].shape[2]

@@ -114,6 +114,8 @@ class VLA(nn.Module):
         fixed = bos + config.num_visual_tokens + int(self.proprio_projector is not None) + slots + stop
         self.runner: Callable[[ModelInputs, torch.Tensor | None, int], torch.Tensor] | None = None
         """Runs `network(inputs, noise, seed)` in its place when set (a compiled copy: optimize/compile/)."""
+        self.text_decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+        """Decodes reasoning in place of `decode.generate_text` when set (speculative: optimize/decoding/)."""
         self.session_factory: Callable[[VLA], Session] | None = None
         """Makes `session()`'s sessions when set (one that reuses work between steps: optimize/temporal/)."""
         self.processor = Processor(config, self.tokenizer, self.pad_id, self.bos_id, fixed,

@@ -53,6 +53,7 @@ def expert_config(lm_config: PretrainedConfig, width: int, depth: int, mlp: int 
     cfg.intermediate_size = mlp or 4 * width
     cfg.num_hidden_layers = depth
     cfg.vocab_size = 1  # the embedding is deleted; no need to allocate the LM's
+    cfg.pad_token_id = None  # nor to check the LM's padding id against that one-row table
     cfg.tie_word_embeddings = False
     if getattr(cfg, "layer_types", None) is not None:
         cfg.layer_types = ["full_attention"] * depth  # our mask decides what each token sees
