@@ -124,6 +124,11 @@ class WeightMap:
         self.out[to] = tensor if fn is None else fn(tensor)
         self.origin[to] = f"{key} of {self.source}"
 
+    def add(self, to: str, tensor: torch.Tensor, why: str) -> None:
+        """A model tensor the source has no counterpart for, given its exact value (`why` says which)."""
+        self.out[to] = tensor
+        self.origin[to] = f"({why})"
+
     def move_prefix(self, prefix: str, to: str, rename: Callable[[str], str] = lambda k: k) -> None:
         """Every tensor under `prefix` to `to` + its renamed remainder."""
         keys = [k for k in self.left if k.startswith(prefix)]

@@ -153,8 +153,8 @@ def import_oft(src: str | Path, pruner: bool = False, **options: Any) -> VLA:
     text["model_type"] = "llama"
     for part, why in (("noisy_action_projector--*checkpoint.pt", "diffusion action heads"),
                       ("vision_backbone--*checkpoint.pt", "FiLM vision backbones")):
-        if find_one(src, part) is not None:
-            raise UnsupportedCheckpoint(f"{find_one(src, part).name}: {why} are not supported")
+        if (found := find_one(src, part)) is not None:
+            raise UnsupportedCheckpoint(f"{found.name}: {why} are not supported")
     head_file = find_one(src, "action_head--*checkpoint.pt")
     if head_file is None:
         raise UnsupportedCheckpoint(f"{src} has no action_head--*_checkpoint.pt: discrete-token OFT checkpoints are "

@@ -125,12 +125,8 @@ def build_pi0(weights: WeightMap, *, chunk: int, steps: int, variants: tuple[str
                      "proprio": padded_stats(stats["proprio"], config.proprio_dim, "state")})
 
     weights.move_prefix(vt, "vision.backbones.siglip.")
-    weights.move(PALI + "model.multi_modal_projector.linear.weight" if weights.has(
-        PALI + "model.multi_modal_projector.linear.weight") else PALI + "multi_modal_projector.linear.weight",
-        "projector.weight")
-    weights.move(PALI + "model.multi_modal_projector.linear.bias" if weights.has(
-        PALI + "model.multi_modal_projector.linear.bias") else PALI + "multi_modal_projector.linear.bias",
-        "projector.bias")
+    projector = PALI + ("model." if vt.startswith(PALI + "model.") else "") + "multi_modal_projector.linear."
+    weights.move_prefix(projector, "projector.")
     weights.move_prefix(lang, "lm.causal_lm.model.")
     weights.drop([PALI + "lm_head.", EXPERT + "lm_head."])  # tied to the embedding / no token output
     weights.move_prefix(EXPERT + "model.", "head.expert.")

@@ -119,8 +119,7 @@ def import_smolvla(src: str | Path, vlm_config: str | None = None, tokenizer: st
     weights.move_prefix(vt, "vision.backbones.siglip.")
     connector = weights.peek(VLM + "model.connector.modality_projection.proj.weight")
     weights.move(VLM + "model.connector.modality_projection.proj.weight", "projector.weight")
-    weights.out["projector.bias"] = connector.new_zeros(connector.shape[0])  # SmolVLM's connector has no bias
-    weights.origin["projector.bias"] = "(zeros: the connector has no bias)"
+    weights.add("projector.bias", connector.new_zeros(connector.shape[0]), "zeros: SmolVLM's connector has no bias")
     weights.move_prefix(text, "lm.causal_lm.model.")
     if weights.has(VLM + "lm_head.weight"):
         weights.move(VLM + "lm_head.weight", "lm.causal_lm.lm_head.weight")

@@ -65,6 +65,14 @@ def text_processors(forbidden: list[int], temperature: float, top_p: float, devi
     return processors
 
 
+def pick(scores: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens (B,) from processed scores (B, V): the argmax, or with `generator` a draw from their
+    softmax (on the CPU, so that every device draws the same)."""
+    if generator is None:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(scores.device)
+
+
 def generate_text(
     lm: LanguageModel,
     cache: KVCache,
@@ -83,12 +91,7 @@ def generate_text(
     active = torch.ones(batch, dtype=torch.bool, device=logits.device)
     out = torch.empty((batch, 0), dtype=torch.long, device=logits.device)
     for _ in range(max_tokens):
-        scores = processors(out, logits.float())
-        if generator is None:
-            ids = scores.argmax(-1)
-        else:
-            probs = scores.softmax(-1).cpu()
-            ids = torch.multinomial(probs, 1, generator=generator)[:, 0].to(logits.device)
+        ids = pick(processors(out, logits.float()), generator)
         ids = torch.where(active, ids, torch.full_like(ids, pad_id))
         out = torch.cat([out, ids[:, None]], dim=1)
         logits = torch.where(active[:, None], decode_step(lm, cache, ids, active), logits)

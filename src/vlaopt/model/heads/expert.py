@@ -111,8 +111,12 @@ def cross_layer(layer: nn.Module, hidden: torch.Tensor, keys: torch.Tensor, valu
     q = attn.q_proj(h).view(b, t, -1, hd).transpose(1, 2)
     cos, sin = rotary
     q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-    flat = (x.transpose(1, 2).reshape(b, x.shape[2], -1) for x in (keys, values))
-    k, v = (proj(x).view(b, x.shape[1], -1, hd).transpose(1, 2) for proj, x in zip((attn.k_proj, attn.v_proj), flat))
+
+    def reproject(proj: nn.Module, x: torch.Tensor) -> torch.Tensor:  # (B, KV, S, hd) -> (B, KV', S, hd)
+        s = x.shape[2]
+        return proj(x.transpose(1, 2).reshape(b, s, -1)).view(b, s, -1, hd).transpose(1, 2)
+
+    k, v = reproject(attn.k_proj, keys), reproject(attn.v_proj, values)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)

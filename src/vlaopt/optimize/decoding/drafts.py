@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlaopt.model.decode import feed
+from vlaopt.model.decode import feed, pick
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.language import LanguageModel, attention_of
 from vlaopt.utils.registry import Registry
@@ -40,11 +40,10 @@ class EarlyExitDraft:
         """Drafts (B, k) after `first` (B,) and their distributions q (B, k, V)."""
         fork, ids, drafts, probs = cache.fork(self.attention), first, [], []
         for _ in range(k):
-            q = scores(feed(lm, fork, ids[:, None], valid[:, None], depth=self.layers)[:, 0].float()).softmax(-1)
-            ids = q.argmax(-1) if generator is None else torch.multinomial(q.cpu(), 1, generator=generator)[:, 0]
-            ids = ids.to(first.device)
+            processed = scores(feed(lm, fork, ids[:, None], valid[:, None], depth=self.layers)[:, 0].float())
+            ids = pick(processed, generator)
             drafts.append(ids)
-            probs.append(q)
+            probs.append(processed.softmax(-1))
         return torch.stack(drafts, 1), torch.stack(probs, 1)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessorList
 
-from vlaopt.model.decode import feed
+from vlaopt.model.decode import feed, pick
 from vlaopt.model.kv_cache import KVCache
 from vlaopt.model.language import LanguageModel
 from vlaopt.optimize.decoding.acceptance import greedy_accept, sample_accept
@@ -32,18 +32,16 @@ class SpeculativeDecoder:
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         batch, device = logits.shape[0], logits.device
         history: list[list[int]] = [[] for _ in range(batch)]
-        active = torch.ones(batch, dtype=torch.bool, device=device)
-        forced = torch.full((batch,), -1, dtype=torch.long, device=device)  # a residual draw to emit next
+        active = torch.full((batch,), max_tokens > 0, dtype=torch.bool, device=device)
+        none = torch.full((batch,), -1, dtype=torch.long, device=device)
+        forced = none  # a residual draw of the last round, emitted first in this one (-1: none)
 
         def scores(x: torch.Tensor) -> torch.Tensor:
             return processors(x.new_zeros((x.shape[0], 0), dtype=torch.long), x)
 
-        while bool(active.any()) and min(len(h) for h, a in zip(history, active.tolist()) if a) < max_tokens:
+        while bool(active.any()):
             left = max_tokens - min(len(h) for h, a in zip(history, active.tolist()) if a)
-            p0 = scores(logits.float())
-            first = p0.argmax(-1) if generator is None else torch.multinomial(
-                p0.softmax(-1).cpu(), 1, generator=generator)[:, 0].to(device)
-            first = torch.where(forced >= 0, forced, first)
+            first = torch.where(forced >= 0, forced, pick(scores(logits.float()), generator))
             first = torch.where(active, first, torch.full_like(first, pad_id))
             k = min(self.k, left - 1)
             if k > 0:
@@ -54,13 +52,11 @@ class SpeculativeDecoder:
             stopped = torch.cat([torch.zeros_like(first[:, None], dtype=torch.bool), seq[:, :-1] == stop_id], 1)
             valid = active[:, None] & ~stopped.long().cumsum(1).bool()
             verified = feed(lm, cache, seq, valid).float()  # (B, 1 + k, V): logits after each fed token
+            accepted, forced = torch.zeros_like(first), none
             if k > 0 and generator is None:
                 accepted = greedy_accept(drafts, scores_all(scores, verified[:, :k]).argmax(-1))
-                forced = torch.full_like(forced, -1)
             elif k > 0:
                 accepted, forced = sample_accept(drafts, q, scores_all(scores, verified[:, :k]).softmax(-1), generator)
-            else:
-                accepted = torch.zeros_like(first)
             # emit the first token and the accepted drafts, up to a stop token and the budget
             n = torch.minimum(1 + accepted, valid.long().sum(1))
             for b in range(batch):
@@ -74,7 +70,7 @@ class SpeculativeDecoder:
             rows = torch.arange(batch, device=device)
             logits = torch.where(active[:, None], verified[rows, (n - 1).clamp(min=0)], logits)
             done = torch.tensor([bool(h) and h[-1] == stop_id or len(h) >= max_tokens for h in history], device=device)
-            forced = torch.where(n == 1 + accepted, forced, torch.full_like(forced, -1))  # cut short: no residual
+            forced = torch.where(n == 1 + accepted, forced, none)  # cut short: no residual
             active = active & ~done
             self.stats["rounds"] += 1
             self.stats["drafted"] += k * int(valid[:, 0].sum())
