@@ -10,7 +10,13 @@ tokens, and the autoregressive trajectory (chunk x action_dim discretised action
 by one) without and with reasoning. Alpamayo-R1 reports 99 ms with 5 flow steps and ~40 reasoning
 tokens, 312 ms had the trajectory been decoded as 127 autoregressive tokens. Writes JSON.
 
+`--model DIR` times a trained expert policy instead (its own reasoning budget, on its held-out
+demonstrations), and `--speculative STEP` adds the reasoning modes again with that speculative step
+applied to them (e.g. '{draft: retrieval, k: 8, corpus: runs/reasoning-data}').
+
     python benchmarks/expert.py --out benchmarks/results/expert.json
+    python benchmarks/expert.py --model runs/reasoning --speculative '{draft: retrieval, k: 8, corpus: runs/reasoning-data}' \
+        --out benchmarks/results/expert_reasoning.json
 """
 
 from __future__ import annotations
@@ -23,15 +29,19 @@ from dataclasses import dataclass
 from datetime import date
 
 import torch
+import yaml
 from rich.console import Console
 from rich.table import Table
 
 from vlaopt import VLA
+from vlaopt.bench import heldout
 from vlaopt.bench.machine import machine_info
 from vlaopt.bench.models import apply_each, bench_config, bench_inputs, llama_shape, lm_config
 from vlaopt.bench.stages import summarize, time_interleaved
 from vlaopt.config import head_config
 from vlaopt.model.expert_policy import rollout
+from vlaopt.model.vla import resolve_model_dir
+from vlaopt.optimize import load
 from vlaopt.utils.io import atomic_write_text
 
 ALPAMAYO_MS = {"flow_with_reasoning": 99.0, "autoregressive_with_reasoning": 312.0}
@@ -43,11 +53,13 @@ class Mode:
 
     steps: int
     reasoning: int
+    speculative: dict[str, object] | None = None  # the speculative step's params, applied to the reasoning
 
     @property
     def name(self) -> str:
         act = f"flow{self.steps}" if self.steps else "autoregressive"
-        return f"{act}+reason{self.reasoning}" if self.reasoning else act
+        name = f"{act}+reason{self.reasoning}" if self.reasoning else act
+        return name + "+speculative" if self.speculative is not None else name
 
     @property
     def trajectory(self) -> str:
@@ -55,8 +67,10 @@ class Mode:
 
     @property
     def recipe(self) -> list[dict[str, dict[str, int]]]:
-        """The optimization this mode applies: fewer flow steps (none for the autoregressive trajectory)."""
-        return [{"flow_steps": {"n": self.steps}}] if self.steps else []
+        """The optimizations this mode applies: fewer flow steps (none for the autoregressive trajectory),
+        then speculative decoding of the reasoning."""
+        steps = [{"flow_steps": {"n": self.steps}}] if self.steps else []
+        return steps + ([{"speculative": dict(self.speculative)}] if self.speculative is not None else [])
 
 
 def bench_model(args: argparse.Namespace) -> VLA:
@@ -104,14 +118,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", help="a trained expert policy (a folder or bundled name) instead of the synthetic one")
+    parser.add_argument("--speculative", type=yaml.safe_load, default=None,
+                        help="the params of a speculative step (YAML) to time the reasoning modes with as well")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     console = Console()
 
-    model = bench_model(args)
-    images, instructions, proprio = bench_inputs(model.config, args.batch)
-    modes = [Mode(s, r) for r in (0, args.reasoning) for s in (1, 2, 4, 5, 10, 0)]
+    if args.model:
+        model = load(resolve_model_dir(args.model), device=args.device)
+        demos = heldout.for_model(resolve_model_dir(args.model), None, model.config.chunk)
+        images, instructions, proprio = demos.take(slice(0, args.batch)) if demos is not None else bench_inputs(
+            model.config, args.batch)
+    else:
+        model = bench_model(args)
+        images, instructions, proprio = bench_inputs(model.config, args.batch)
+    reasoning = getattr(model.config.head, "reasoning_tokens", 0) or args.reasoning
+    chunk, action_dim = model.config.chunk, model.config.action_dim
+    modes = [Mode(s, r) for r in (0, reasoning) for s in (1, 2, 4, 5, 10, 0)]
+    if args.speculative is not None:
+        modes += [Mode(s, reasoning, args.speculative) for s in (5, 10, 0)]
     models = mode_models(model, modes)
 
     tokens = {}
@@ -119,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         out = rollout(models[mode.name], images, instructions, proprio)
         tokens[mode.name] = {
             "reasoning": int(out.reasoning.shape[1]),
-            "trajectory": 0 if mode.steps else args.chunk * args.action_dim,
+            "trajectory": 0 if mode.steps else chunk * action_dim,
             "expert_passes": mode.steps,
         }
     calls = {name: (lambda timer, m=m: m.predict_action(images, instructions, proprio, timer=timer))
@@ -131,12 +158,19 @@ def main(argv: list[str] | None = None) -> int:
         name: {stage: round(stats.median_ms, 3) for stage, stats in summarize(s).items()} for name, s in samples.items()
     }
     flow10, ar = results["flow10"]["total"], results["autoregressive"]["total"]
-    flow5_r = results[f"flow5+reason{args.reasoning}"]["total"]
-    ar_r = results[f"autoregressive+reason{args.reasoning}"]["total"]
+    flow5_r = results[f"flow5+reason{reasoning}"]["total"]
+    ar_r = results[f"autoregressive+reason{reasoning}"]["total"]
     ratios = {
         "autoregressive / flow10 (no reasoning, end to end)": round(ar / flow10, 2),
-        f"autoregressive+reason{args.reasoning} / flow5+reason{args.reasoning} (end to end, Alpamayo's setting)":
+        f"autoregressive+reason{reasoning} / flow5+reason{reasoning} (end to end, Alpamayo's setting)":
             round(ar_r / flow5_r, 2),
+        **({} if args.speculative is None else {
+            f"autoregressive+reason{reasoning}+speculative / flow5+reason{reasoning}+speculative": round(
+                results[f"autoregressive+reason{reasoning}+speculative"]["total"]
+                / results[f"flow5+reason{reasoning}+speculative"]["total"], 2),
+            "reasoning stage, plain / speculative (flow5)": round(
+                results[f"flow5+reason{reasoning}"]["reasoning"]
+                / results[f"flow5+reason{reasoning}+speculative"]["reasoning"], 2)}),
         "alpamayo_r1 312 / 99": round(ALPAMAYO_MS["autoregressive_with_reasoning"] / ALPAMAYO_MS["flow_with_reasoning"], 2),
         "trajectory stage / flow stage with 10 steps": round(
             results["autoregressive"]["trajectory"] / results["flow10"]["flow"], 2),
@@ -147,9 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": date.today().isoformat(),
         "machine": machine_info(model.device),
         "setting": {
-            "lm": {"family": "llama", "hidden": args.hidden, "layers": args.layers},
-            "expert_width": args.expert_width, "cameras": 2, "visual_tokens": model.config.num_visual_tokens,
-            "chunk": args.chunk, "action_dim": args.action_dim, "batch": args.batch,
+            "model": args.model or "synthetic", "speculative": args.speculative,
+            "lm": {"family": model.lm.causal_lm.config.model_type, "hidden": model.lm.causal_lm.config.hidden_size,
+                   "layers": model.lm.causal_lm.config.num_hidden_layers},
+            "expert_width": model.config.head.hidden_dim, "cameras": model.config.cameras,
+            "visual_tokens": model.config.num_visual_tokens,
+            "chunk": chunk, "action_dim": action_dim, "batch": args.batch,
             "repeats": args.repeats, "warmup": args.warmup, "integrator": "euler",
             "parameters_m": {"lm": round(sum(p.numel() for p in model.lm.parameters()) / 1e6, 2),
                              "expert": round(sum(p.numel() for p in model.head.parameters()) / 1e6, 2)},

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     exact = {name: bool(torch.equal(ids, text["plain"])) for name, ids in text.items()}
     for m in models.values():
         if m.text_decoder is not None:
-            m.text_decoder.stats.update(rounds=0, drafted=0, accepted=0, emitted=0)
+            m.text_decoder.stats.update(dict.fromkeys(m.text_decoder.stats, 0))
     calls = {name: (lambda timer, m=m: m.predict_action(images, instructions, proprio, timer=timer))
              for name, m in models.items()}
     samples = time_interleaved(calls, args.repeats, args.warmup, model.device, rotate=True,
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             "reasoning_speedup": round(paired_ratio(samples["plain"], samples[name], "reasoning"), 3),
             "identical_tokens": exact[name],
             "acceptance": None if decoder is None else round(decoder["accepted"] / max(1, decoder["drafted"]), 3),
-            "tokens_per_lm_pass": None if decoder is None else round(decoder["emitted"] / max(1, decoder["rounds"]), 2),
+            "tokens_per_lm_pass": None if decoder is None else round(decoder["emitted"] / max(1, decoder["passes"]), 2),
         }
     report = {
         "benchmark": "speculative",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from rich.console import Console
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench import harness
 from vlaopt.bench.flops import FlopRecorder, analytic_lm_flops
-from vlaopt.bench.harness import STAGES, BenchConfig, random_observations, run_bench
+from vlaopt.bench.harness import STAGES, BenchConfig, Demonstrations, random_observations, run_bench
 from vlaopt.bench.heldout import HELDOUT_FILE, save_npz
 from vlaopt.bench.plots import pareto_figure, pareto_front, stages_figure
 from vlaopt.bench.recipes import DEFAULT_RECIPES, recipes_from_files
@@ -22,6 +23,8 @@ from vlaopt.bench.stages import time_once
 from vlaopt.cli import main
 from vlaopt.eval.closed_loop import EvalConfig, evaluate
 from vlaopt.eval.paired import compare_episodes
+from vlaopt.eval.reasoning import reasoning_texts
+from vlaopt.model import expert_policy
 from vlaopt.optimize import load_recipe
 
 
@@ -173,6 +176,32 @@ def test_expert_stages_get_their_own_columns(tmp_path):
     assert " lm ms |" not in markdown and " head ms |" not in markdown
     base, fewer = result["rows"]
     assert fewer["gflops"]["flow"] == pytest.approx(base["gflops"]["flow"] * 2 / model.config.head.steps)
+
+
+def test_a_reasoning_policy_gets_tokens_per_second_acceptance_kv_memory_and_accuracy():
+    cfg = VLAConfig.tiny(head="expert", cameras=2, proprio_dim=3)
+    cfg.head = replace(cfg.head, reasoning_tokens=8)
+    model = VLA(cfg).eval()
+    obs = random_observations(cfg, 4)
+    said = reasoning_texts(model, expert_policy.rollout(model, *obs).reasoning)
+    quality = Demonstrations(obs.images, obs.instructions, obs.proprio, reasoning=[*said[:3], "something else"])
+    recipes = {"baseline": [], "retrieval": [{"speculative": {"draft": "retrieval", "k": 3, "texts": {"abc": 1}}}]}
+    result = run_bench(model, recipes, obs, quality, BenchConfig(batch=2, repeats=2, warmup=0, eval_samples=4),
+                       progress=False)
+    base, spec = result["rows"]
+    for row in (base, spec):
+        r = row["reasoning"]
+        assert r["accuracy"] == 0.75 and r["tokens"] == 8  # greedy text of an untrained LM: no STOP in 8 tokens
+        assert r["tokens_per_s"] == pytest.approx(2 * 8 / (row["ms"]["reasoning"] / 1e3))
+        state = model.encode(model.preprocess(*obs))  # one batch of 4, prompts padded to the longest
+        cache, _ = expert_policy.fill_prefix(model, state)
+        slot = cache.nbytes() / state.hidden.numel() * state.hidden.shape[-1]  # every layer's K and V of a slot
+        assert r["kv_kb"] * 1024 == pytest.approx(slot * (state.hidden.shape[1] + 8))
+    assert base["reasoning"]["tokens_per_pass"] == 1.0 and base["reasoning"]["acceptance"] is None
+    assert 0 < spec["reasoning"]["acceptance"] <= 1 and spec["reasoning"]["tokens_per_pass"] > 1  # fewer passes
+    markdown = to_markdown(result)
+    for title in ("reasoning tok/s", "tokens per pass", "acceptance", "KV KB", "reasoning acc"):
+        assert f" {title} |" in markdown
 
 
 def test_success_column_equals_a_closed_loop_evaluation(tmp_path, capsys):

@@ -73,6 +73,9 @@ def test_collection_replays_exactly(root: Path) -> None:
         replay = record_episode(env, ScriptedPolicy(TASK), stored.seed, POST_SUCCESS_STEPS)
     for name in ("images", "proprio", "actions"):
         np.testing.assert_array_equal(getattr(replay, name), getattr(stored, name), err_msg=name)
+    assert replay.reasoning == stored.reasoning and len(stored.reasoning) == stored.length
+    done = stored.reasoning[stored.success_step + 1:]
+    assert set(done) == {"at the goal; hold still"} and stored.reasoning[0] == "goal far; move to the goal"
 
 
 def test_dataset_chunks_pad_with_the_last_action(root: Path) -> None:
@@ -91,6 +94,7 @@ def test_dataset_chunks_pad_with_the_last_action(root: Path) -> None:
             np.testing.assert_array_equal(sample["images"].numpy(), episode.images[t])
             np.testing.assert_array_equal(sample["proprio"].numpy(), episode.proprio[t])
             assert sample["instruction"] == episode.instruction and sample["task"] == TASK
+            assert sample["reasoning"] == episode.reasoning[t]
             i += 1
     last = data[len(data) - 1]
     assert last["action_is_pad"].sum() == 7 and torch.equal(last["actions"][0], last["actions"][-1])

@@ -37,15 +37,16 @@ def _episode(i: int, steps: int) -> Episode:
     task = ("reach-v3", "push-v3")[i % 2]
     return Episode(images=images.astype(np.uint8), proprio=rng.standard_normal((steps, 4)).astype(np.float32),
                    actions=rng.uniform(-1, 1, (steps, 4)).astype(np.float32), task=task, instruction=f"do {task}",
-                   cameras=CAMERAS, seed=1000 + i, success=True, success_step=steps - 3)
+                   cameras=CAMERAS, seed=1000 + i, success=True, success_step=steps - 3,
+                   reasoning=tuple(f"step {t}; go on" for t in range(steps)))
 
 
 EPISODES = [_episode(i, 5 + i) for i in range(4)]
 
 
 def _assert_same(a: Episode, b: Episode, exact: bool) -> None:
-    assert (a.task, a.instruction, a.cameras, a.seed, a.success, a.success_step) == \
-        (b.task, b.instruction, b.cameras, b.seed, b.success, b.success_step)
+    assert (a.task, a.instruction, a.cameras, a.seed, a.success, a.success_step, a.reasoning) == \
+        (b.task, b.instruction, b.cameras, b.seed, b.success, b.success_step, b.reasoning)
     assert np.array_equal(a.proprio, b.proprio) and np.array_equal(a.actions, b.actions)
     assert b.images.dtype == np.uint8 and b.images.shape == a.images.shape
     error = np.abs(a.images.astype(int) - b.images)

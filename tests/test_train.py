@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_collection
 
 from vlaopt import VLA, VLAConfig, apply, load
 from vlaopt.bench.heldout import HELDOUT_FILE
 from vlaopt.cli import build_parser, main
-from vlaopt.data.episodes import Episode, write_episode, write_index
 from vlaopt.optimize.tokens.lightvla import noise_schedule
 from vlaopt.train.schedules import lr_factor
 from vlaopt.train.trainer import TrainConfig, train
@@ -115,29 +114,11 @@ def test_lightvla_noise_decays_during_training(tmp_path):
     assert not model.lm.hooks[0].training  # back in eval mode: it prunes for real
 
 
-def _collection(root: Path, episodes: int = 4, steps: int = 12) -> Path:
-    """A tiny collection folder in the `vla-opt collect` format (random frames; no simulator needed)."""
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(episodes):
-        episode = Episode(images=rng.integers(0, 256, (steps, 2, 32, 32, 3), dtype=np.uint8),
-                          proprio=rng.standard_normal((steps, 4)).astype(np.float32),
-                          actions=rng.uniform(-1, 1, (steps, 4)).astype(np.float32), task="reach-v3",
-                          instruction="move the gripper to the goal", cameras=("corner4", "topview"), seed=i,
-                          success=True, success_step=steps - 1)
-        write_episode(root / f"ep{i}.npz", episode)
-        entries.append({"file": f"ep{i}.npz", "task": "reach-v3", "instruction": episode.instruction, "seed": i,
-                        "attempt": i, "length": steps, "success": True, "success_step": steps - 1})
-    write_index(root, {"tasks": ["reach-v3"], "image_size": 32}, entries, attempts={"reach-v3": episodes},
-                metaworld_version="test")
-    return root
-
-
 @pytest.fixture
 def cli_run(tmp_path):
     """`vla-opt train` arguments for a tiny model on a tiny collection, into tmp_path/run."""
     VLAConfig.tiny(cameras=2, proprio_dim=4, action_dim=4).save(tmp_path / "cfg.json")
-    data = _collection(tmp_path)
+    data = write_collection(tmp_path)
     return ["train", "--data", str(data), "--config", str(tmp_path / "cfg.json"), "--out", str(tmp_path / "run"),
             "--batch-size", "4", "--val-every", "4", "--save-every", "4", "--val-fraction", "0.25"]
 
@@ -157,7 +138,7 @@ def test_the_cli_extends_a_finished_run_keeping_its_warmup(tmp_path, cli_run, ca
 
 
 def test_the_cli_writes_heldout_before_training_and_refuses_bad_threads(tmp_path, cli_run, monkeypatch, capsys):
-    import vlaopt.train.trainer as trainer
+    from vlaopt.train import trainer
 
     def fake_train(*args, **kwargs):
         assert (tmp_path / "run" / HELDOUT_FILE).is_file()  # there from the start, whenever the run is killed

@@ -250,6 +250,9 @@ def _eval(args: argparse.Namespace) -> int:
         per_task = ", ".join(f"{t} {e:.4f}" for t, e in result.per_task.items())
         console.print(f"open-loop action L1 on the val split of {args.data} ({result.samples} steps): "
                       f"{result.l1:.4f} ({per_task})")
+        if result.reasoning is not None:
+            per_task = ", ".join(f"{t} {e:.1%}" for t, e in result.reasoning_per_task.items())
+            console.print(f"reasoning exact match on the same steps: {result.reasoning:.1%} ({per_task})")
     if args.tasks:
         from vlaopt.eval.closed_loop import EvalConfig, evaluate
         from vlaopt.sim.tasks import resolve_tasks

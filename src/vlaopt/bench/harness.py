@@ -27,7 +27,9 @@ from vlaopt.bench.flops import FlopRecorder
 from vlaopt.bench.machine import machine_info, matmul_throughput
 from vlaopt.bench.stages import summarize, time_interleaved
 from vlaopt.eval.paired import compare_episodes
+from vlaopt.eval.reasoning import emitted_tokens, exact_match, predict_with_reasoning, reasons
 from vlaopt.model.checkpoint import weight_size
+from vlaopt.model.expert_policy import rollout
 from vlaopt.model.processor import Observation
 from vlaopt.optimize import apply, calibration
 from vlaopt.utils.checks import check_positive
@@ -63,9 +65,11 @@ class BenchConfig:
 @dataclass
 class Demonstrations(Observation):
     """Demonstrations (torch tensors) with the demonstrated action chunks (B, chunk, action_dim) when
-    they come from demonstrations (None for synthetic timing inputs)."""
+    they come from demonstrations (None for synthetic timing inputs), and their reasoning targets
+    when the episodes carry them."""
 
     actions: torch.Tensor | None = None
+    reasoning: list[str] | None = None
 
     def spread(self, n: int) -> Demonstrations:
         """`n` samples spread evenly over these (all when there are at most `n`), so a smaller set
@@ -86,6 +90,29 @@ def _predict_all(model: VLA, obs: Demonstrations, batch: int = 16) -> torch.Tens
     out = [model.predict_action(part.images, part.instructions, part.proprio, seed=0)
            for part in (obs.take(slice(i, i + batch)) for i in range(0, len(obs), batch))]
     return torch.cat(out)
+
+
+def _reasoning(model: VLA, run: _Run) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Actions on the quality inputs of a policy that reasons, and its reasoning statistics: tokens
+    emitted per sample, tokens per LM pass and draft acceptance (speculative decoding), the KV cache
+    the expert reads (KB per sample), exact-match accuracy against the demonstrations' targets, and
+    the tokens the timing batch emits (for tokens/s)."""
+    decoder = model.text_decoder
+    if decoder is not None:
+        decoder.stats.update(dict.fromkeys(decoder.stats, 0))
+    actions, texts, outs = predict_with_reasoning(model, run.quality)
+    emitted = sum(emitted_tokens(model, out.reasoning) for out in outs)
+    stats = {"tokens": emitted / len(run.quality),
+             "kv_kb": sum(out.cache.nbytes() for out in outs) / len(run.quality) / 1024,
+             "accuracy": None if run.quality.reasoning is None else exact_match(texts, run.quality.reasoning),
+             "tokens_per_pass": 1.0, "acceptance": None}
+    if decoder is not None:
+        stats["tokens_per_pass"] = decoder.stats["emitted"] / max(decoder.stats["passes"], 1)
+        stats["acceptance"] = decoder.stats["accepted"] / max(decoder.stats["drafted"], 1)
+    with torch.inference_mode():
+        timing = rollout(model, *run.batch, seed=0).reasoning
+    stats["timing_tokens"] = emitted_tokens(model, timing)
+    return actions, stats
 
 
 def _visual_tokens(model: VLA, obs: Demonstrations) -> tuple[int, float]:
@@ -213,7 +240,10 @@ def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict
     with _eager(m):  # the same arithmetic as the compiled network, counted stage by stage
         run.predict(m, timer=flops)
     flops.flops[NETWORK] = sum(v for k, v in flops.flops.items() if k in STAGES and k != "inputs")
-    actions = _predict_all(m, run.quality)
+    if reasons(m):
+        actions, reasoning = _reasoning(m, run)
+    else:
+        actions, reasoning = _predict_all(m, run.quality), None
     base_actions = actions if baseline is None else baseline[1]
     tokens_in, tokens_out = _visual_tokens(m, run.batch)
     elements, size = weight_size(m)
@@ -233,6 +263,9 @@ def _measure(name: str, recipe: list[dict[str, Any]], m: Any, samples: list[dict
         "action_err_vs_demo": None if run.quality.actions is None
         else (actions - run.quality.actions[:, : actions.shape[1]]).abs().mean().item(),
     }
+    if reasoning is not None:
+        reasoning["tokens_per_s"] = reasoning.pop("timing_tokens") / (row["ms"]["reasoning"] / 1e3)
+        row["reasoning"] = reasoning
     row["achieved_fraction"] = {
         k: (row["gflops"][k] * 1e9 / (row["ms"][k] / 1e3)) / run.peak for k in row["gflops"] if row["ms"].get(k)
     }

@@ -30,6 +30,7 @@ def from_collection(root: str | Path, n: int, chunk: int, seed: int = 0, val_fra
         instructions=[s["instruction"] for s in samples],
         proprio=torch.stack([s["proprio"] for s in samples]),
         actions=torch.stack([s["actions"] for s in samples]),
+        reasoning=[s["reasoning"] for s in samples] if "reasoning" in samples[0] else None,
     )
 
 
@@ -68,6 +69,8 @@ def save_npz(obs: Demonstrations, path: str | Path) -> None:
     arrays = {"images": obs.images.numpy(), "instructions": np.array(obs.instructions), "actions": obs.actions.numpy()}
     if obs.proprio is not None:
         arrays["proprio"] = obs.proprio.numpy()
+    if obs.reasoning is not None:
+        arrays["reasoning"] = np.array(obs.reasoning, dtype=np.str_)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
@@ -85,6 +88,7 @@ def load_npz(path: str | Path) -> Demonstrations:
                 instructions=[str(s) for s in f["instructions"]],
                 proprio=torch.from_numpy(f["proprio"]) if "proprio" in f else None,
                 actions=torch.from_numpy(f["actions"]),
+                reasoning=[str(s) for s in f["reasoning"]] if "reasoning" in f else None,
             )
     except (OSError, ValueError, KeyError, AttributeError) as error:
         raise ValueError(f"held-out demonstrations {path} cannot be read (damaged, or not written by "

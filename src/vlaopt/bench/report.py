@@ -23,6 +23,12 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
     ("head ms", ("ms", "head"), "{:.2f}"),
     ("prefix ms", ("ms", "prefix"), "{:.2f}"),  # expert heads: VLM prefix, reasoning decode, flow steps
     ("reasoning ms", ("ms", "reasoning"), "{:.2f}"),
+    ("reasoning tokens", ("reasoning", "tokens"), "{:.1f}"),  # mean emitted per sample, STOP included
+    ("reasoning tok/s", ("reasoning", "tokens_per_s"), "{:.0f}"),
+    ("tokens per pass", ("reasoning", "tokens_per_pass"), "{:.2f}"),  # emitted per LM verification pass
+    ("acceptance", ("reasoning", "acceptance"), "{:.0%}"),  # accepted / drafted, speculative decoding
+    ("KV KB", ("reasoning", "kv_kb"), "{:.0f}"),  # the cache the expert reads, per sample
+    ("reasoning acc", ("reasoning", "accuracy"), "{:.1%}"),  # exact match with the held-out targets
     ("flow ms", ("ms", "flow"), "{:.2f}"),
     ("trajectory ms", ("ms", "trajectory"), "{:.2f}"),
     ("network ms", ("ms", "network"), "{:.2f}"),  # a compiled model: everything after inputs, one call
@@ -57,6 +63,9 @@ COLUMNS: list[tuple[str, tuple[str, ...], str]] = [
 # The terminal table keeps to what fits 80 columns (`wide=True`: every column); markdown and JSON
 # carry everything.
 TERMINAL = ("recipe", "total ms", "p25-p75 ms", "speedup", "lm ms", "prefix ms", "err vs base", "success")
+TERMINAL_REASONING = ("recipe", "total ms", "speedup", "reasoning tok/s", "acceptance", "KV KB", "reasoning acc",
+                      "success")
+"""A policy that reasons: its reasoning columns in place of the spread and the action error."""
 NOISE = "?"  # marks a speedup whose p25-p75 spread of total time overlaps the baseline's
 
 
@@ -122,7 +131,8 @@ class FittedTable:
 
 def to_table(result: dict[str, Any], wide: bool = False) -> FittedTable:
     """The terminal table (the columns that fit 80 characters, or every column with `wide`), notes below."""
-    cols = _columns(result, None if wide else TERMINAL)
+    reasoning = any("reasoning" in row for row in result["rows"])
+    cols = _columns(result, None if wide else TERMINAL_REASONING if reasoning else TERMINAL)
     rows = [_cells(row, cols) for row in result["rows"]]
     table = Table(title=_title(result), caption="\n".join(notes(result)) or None, caption_justify="left")
     widths = []

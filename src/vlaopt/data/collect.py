@@ -40,6 +40,7 @@ from vlaopt.data.episodes import (
     write_index,
 )
 from vlaopt.sim.env import DEFAULT_CAMERAS, DEFAULT_IMAGE_SIZE, DEFAULT_MAX_STEPS, SimEnv
+from vlaopt.sim.reasoning import has_reasoning, reasoning_text
 from vlaopt.sim.scripted import ScriptedPolicy
 from vlaopt.sim.tasks import instruction
 from vlaopt.utils.io import atomic_leftover_of, atomic_write_text
@@ -118,11 +119,14 @@ def episode_file(task: str, attempt: int) -> str:
 
 def record_episode(env: SimEnv, expert: ScriptedPolicy, seed: int, post_success_steps: int) -> Episode:
     """Roll out the expert from the initial state of `seed` until `post_success_steps` steps after the
-    first success, or until the env's max_steps."""
+    first success, or until the env's max_steps. Tasks with reasoning targets (vlaopt.sim.reasoning)
+    get each step's text, read from the state before the expert acts on it."""
     obs = env.reset(seed=seed)
-    images, proprio, actions = [], [], []
+    images, proprio, actions, reasoning = [], [], [], []
     success_step = -1
     while env.steps < env.max_steps and (success_step < 0 or env.steps <= success_step + post_success_steps):
+        if has_reasoning(env.task):
+            reasoning.append(reasoning_text(env.task, env.state.copy(), done=success_step >= 0))
         action = expert.act(env)
         images.append(obs["images"])
         proprio.append(obs["proprio"])
@@ -140,6 +144,7 @@ def record_episode(env: SimEnv, expert: ScriptedPolicy, seed: int, post_success_
         seed=seed,
         success=success_step >= 0,
         success_step=success_step,
+        reasoning=tuple(reasoning) if reasoning else None,
     )
 
 

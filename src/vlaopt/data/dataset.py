@@ -48,6 +48,7 @@ class EpisodeDataset(Dataset):
                                               at the goal), so every sample has a full chunk
       action_is_pad  bool (chunk,)            True where the chunk repeats the last action
       instruction, task  str
+      reasoning      str                      the step's reasoning target, when every episode has them
     The split's episodes are loaded into memory at construction (T * n_cams * H * W * 3 bytes of images
     each), so indexing is cheap in DataLoader workers.
     """
@@ -99,6 +100,10 @@ class EpisodeDataset(Dataset):
         self.images = np.concatenate([episode.images for episode in episodes])
         self.proprio = np.concatenate([episode.proprio for episode in episodes])
         self.actions = np.concatenate([episode.actions for episode in episodes])
+        have = [episode.reasoning is not None for episode in episodes]
+        self.reasoning: list[str] | None = None
+        if all(have):
+            self.reasoning = [text for episode in episodes for text in episode.reasoning]
         lengths = np.array([episode.length for episode in episodes])
         self._episode_of = np.repeat(np.arange(len(episodes)), lengths)
         self._episode_end = np.repeat(np.cumsum(lengths), lengths)  # exclusive end of each sample's episode
@@ -118,6 +123,7 @@ class EpisodeDataset(Dataset):
             "action_is_pad": torch.from_numpy(steps >= end),
             "instruction": self.instructions[episode],
             "task": self.tasks[episode],
+            **({} if self.reasoning is None else {"reasoning": self.reasoning[i]}),
         }
 
 
@@ -140,12 +146,14 @@ def _stats(values: np.ndarray) -> dict[str, list[float]]:
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack per-timestep samples (images, instruction, proprio, actions) into a batch."""
+    """Stack per-timestep samples (images, instruction, proprio, actions, reasoning) into a batch."""
     batch = {
         "images": torch.stack([torch.as_tensor(s["images"]) for s in samples]),
         "instructions": [s["instruction"] for s in samples],
         "actions": torch.stack([torch.as_tensor(s["actions"], dtype=torch.float32) for s in samples]),
     }
+    if "reasoning" in samples[0]:
+        batch["reasoning"] = [s["reasoning"] for s in samples]
     if samples[0].get("proprio") is not None:
         batch["proprio"] = torch.stack([torch.as_tensor(s["proprio"], dtype=torch.float32) for s in samples])
     return batch

@@ -10,6 +10,8 @@ An episode file holds (T = number of steps; docs/data.md has the full descriptio
     seed                             int64      the env seed that fixed the initial state
     success                          bool       whether the task succeeded during the episode
     success_step                     int64      index of the first step whose action succeeded, -1 if none
+    reasoning     str     (T,)                  optional: what the scripted policy does at each step and
+                                                why (vlaopt.sim.reasoning), the expert policy's reasoning target
 
 Files are plain NumPy archives (no pickle). Every write goes to a temporary file in the same folder
 and is renamed into place, so an interrupted write never leaves a truncated file under a real name.
@@ -50,9 +52,12 @@ class Episode:
     seed: int
     success: bool
     success_step: int
+    reasoning: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         steps = len(self.actions)
+        if self.reasoning is not None and len(self.reasoning) != steps:
+            raise ValueError(f"reasoning must have one text per step ({steps}), got {len(self.reasoning)}")
         expected = {
             "images": (self.images, np.uint8, 5),
             "proprio": (self.proprio, np.float32, 2),
@@ -85,9 +90,11 @@ def write_episode(path: str | Path, episode: Episode) -> Path:
     """Write `episode` to `path` (a `.npz` file) atomically."""
 
     def write(tmp: Path) -> None:
+        optional = {} if episode.reasoning is None else {"reasoning": np.array(episode.reasoning, dtype=np.str_)}
         with open(tmp, "wb") as f:  # a file object, so NumPy does not append ".npz" to the temp name
             np.savez_compressed(
                 f,
+                **optional,
                 images=episode.images,
                 proprio=episode.proprio,
                 actions=episode.actions,
@@ -117,6 +124,7 @@ def read_episode(path: str | Path) -> Episode:
                 seed=int(f["seed"]),
                 success=bool(f["success"]),
                 success_step=int(f["success_step"]),
+                reasoning=tuple(str(text) for text in f["reasoning"]) if "reasoning" in f else None,
             )
     except FileNotFoundError:
         raise

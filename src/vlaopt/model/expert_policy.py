@@ -9,7 +9,9 @@
 
 The prefix has no action slots and no STOP: it ends where the answer begins ("Out:"), so reasoning
 continues the prompt, and the expert's chunk tokens take the positions after the last cached token.
-Stages are timed as `prefix`, `reasoning`, `flow` (or `trajectory`).
+Stages are timed as `prefix`, `reasoning`, `flow` (or `trajectory`). A KV-cache compressor
+(`model.kv_compressor`, optimize/kv/) compresses the cache at the end of `prefix` (so reasoning
+decodes over it) and again at the end of `reasoning`, timed within those stages.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
-from vlaopt.model.decode import decode_action_bins, generate_text, last_token_logits, next_positions, text_processors
+from vlaopt.model.decode import (
+    decode_action_bins,
+    feed,
+    generate_text,
+    last_token_logits,
+    next_positions,
+    text_processors,
+)
 from vlaopt.model.heads.discrete import bin_centers
 from vlaopt.model.hooks import LayerHook
 from vlaopt.model.kv_cache import KVCache
@@ -70,10 +80,15 @@ def act(
     batch = state.hidden.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     noise = initial_noise(model, batch, noise, seed, gen).to(state.hidden.dtype)
+    compressor = model.kv_compressor  # optimize/kv/: compresses the cache after the prefix and the reasoning
     with timer.stage("prefix"):
+        if compressor is not None:
+            cache = compressor.prepare(cache)
         cache, final = fill_prefix(model, state, timer, cache, hooks)
         need_logits = cfg.reasoning_tokens > 0 or cfg.trajectory == "autoregressive"
         logits = last_token_logits(model.lm, final) if need_logits else None
+        if compressor is not None:
+            compressor(cache, last=not cfg.reasoning_tokens)
     reasoning = torch.empty((batch, 0), dtype=torch.long, device=model.device)
     if cfg.reasoning_tokens:
         with timer.stage("reasoning"):
@@ -83,6 +98,8 @@ def act(
             reasoning, logits = generate(
                 model.lm, cache, logits, cfg.reasoning_tokens, processors, model.stop_id, model.pad_id, sampler
             )
+            if compressor is not None:
+                compressor(cache, last=True)
     if cfg.trajectory == "autoregressive":
         with timer.stage("trajectory"):
             index = decode_action_bins(model.lm, cache, logits, head.chunk * head.action_dim, cfg.bins)
@@ -123,8 +140,16 @@ class ExpertPolicy(Policy):
             hooks: Sequence[LayerHook] | None = None) -> torch.Tensor:
         return act(model, state, noise, seed, timer, cache, hooks).actions
 
-    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
-        """The expert's flow-matching loss, the prefix cache built with gradients."""
-        cache, _ = fill_prefix(model, state)
-        return model.head.loss(cache, actions, generator, state.proprio)
+    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor, generator: torch.Generator | None,
+             reasoning: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The expert's flow-matching loss, the prefix cache built with gradients. With reasoning
+        targets, Alpamayo-R1's supervised loss: their cross-entropy, teacher-forced into the cache
+        after the prefix, plus the flow loss of an expert that reads them there, as when acting."""
+        cache, final = fill_prefix(model, state)
+        if reasoning is None:
+            return model.head.loss(cache, actions, generator, state.proprio)
+        ids, valid = reasoning
+        after = feed(model.lm, cache, ids, valid)  # logits after each target token
+        logits = torch.cat([last_token_logits(model.lm, final)[:, None], after[:, :-1]], dim=1)
+        text = F.cross_entropy(logits[valid].float(), ids[valid])
+        return model.head.loss(cache, actions, generator, state.proprio) + text

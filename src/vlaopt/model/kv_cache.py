@@ -16,23 +16,60 @@ arguments are accepted and ignored), so they fill it themselves; tests/test_lang
 against transformers' own DynamicCache on every LM family we support. `ExpertKV` is a read-only view that
 hands the expert the prefix keys of its paired VLM layer and stores nothing, so flow steps never
 grow the cache.
+
+An entry of `keys` / `values` may be held compressed (`Compressed`: KIVI's quantized codes,
+optimize/kv/kivi.py): reading `cache.keys[i]` then returns it dequantized, appending goes through the
+entry, and `nbytes` counts what is really held.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
+
+
+class Compressed(Protocol):
+    """One layer's keys or values (B, kv_heads, S, head_dim) held compressed; appending returns a new
+    entry (the old one is left as it is, so a fork may share it)."""
+
+    shape: torch.Size
+
+    def dense(self) -> torch.Tensor: ...
+
+    def append(self, x: torch.Tensor, valid: torch.Tensor) -> Compressed:
+        """This entry followed by `x` (B, kv_heads, T, head_dim); `valid` (B, S + T) of all its slots."""
+        ...
+
+    def nbytes(self) -> int: ...
+
+
+class _Layers(dict):
+    """layer_idx -> keys or values; a `Compressed` entry reads dense (`dict.__getitem__`: as held)."""
+
+    def __getitem__(self, layer_idx: int) -> torch.Tensor:
+        entry = super().__getitem__(layer_idx)
+        return entry if isinstance(entry, torch.Tensor) else entry.dense()
+
+
+def _held(entry: torch.Tensor | Compressed) -> int:
+    return entry.numel() * entry.element_size() if isinstance(entry, torch.Tensor) else entry.nbytes()
 
 
 class KVCache:
     """Per-layer keys, values and key validity of the VLM sequence, plus each sample's next position."""
 
     def __init__(self) -> None:
-        self.keys: dict[int, torch.Tensor] = {}
-        self.values: dict[int, torch.Tensor] = {}
+        self.keys: dict[int, torch.Tensor] = _Layers()
+        self.values: dict[int, torch.Tensor] = _Layers()
         self.valid: dict[int, torch.Tensor] = {}
         self.positions: dict[int, torch.Tensor] = {}
         self.next_position: torch.Tensor | None = None  # (B,) original position of the next token
         self._incoming: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.observer: Callable[..., None] | None = None
+        """Called by the layer loop as `observer(layer_idx, query, key, mask, scaling, query_valid)` while an
+        attention layer runs over this cache (H2O's attention scores: optimize/kv/h2o.py)."""
 
     def expect(self, valid: torch.Tensor, positions: torch.Tensor) -> None:
         """Validity and original positions (B, S) of the tokens the following `update` calls append
@@ -56,12 +93,19 @@ class KVCache:
             raise RuntimeError(f"KVCache.update at layer {layer_idx}: validity of shape {shape} expected, got {got}")
         valid, positions = self._incoming
         if layer_idx in self.keys:
-            self.keys[layer_idx] = torch.cat([self.keys[layer_idx], key_states], dim=2)
-            self.values[layer_idx] = torch.cat([self.values[layer_idx], value_states], dim=2)
             self.valid[layer_idx] = torch.cat([self.valid[layer_idx], valid], dim=1)
             self.positions[layer_idx] = torch.cat([self.positions[layer_idx], positions], dim=1)
-        else:
-            self.put(layer_idx, key_states, value_states, valid, positions)
+            seen = []
+            for store, new in ((self.keys, key_states), (self.values, value_states)):
+                old = dict.__getitem__(store, layer_idx)
+                if isinstance(old, torch.Tensor):
+                    store[layer_idx] = torch.cat([old, new], dim=2)
+                    seen.append(store[layer_idx])
+                else:  # attention reads the new tokens as they are; the entry may then quantize them (KIVI)
+                    seen.append(torch.cat([old.dense(), new], dim=2))
+                    store[layer_idx] = old.append(new, self.valid[layer_idx])
+            return seen[0], seen[1]
+        self.put(layer_idx, key_states, value_states, valid, positions)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def with_past(self, layer_idx: int, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -81,8 +125,8 @@ class KVCache:
         """A cache holding this one's entries for `layers` (shared tensors: appending to the fork
         leaves this cache as it is), for a draft that runs only those layers."""
         out = KVCache()
-        for store in ("keys", "values", "valid", "positions"):
-            getattr(out, store).update({i: getattr(self, store)[i] for i in layers if i in self.keys})
+        for store in ("keys", "values", "valid", "positions"):  # as held (a compressed entry stays compressed)
+            getattr(out, store).update({i: dict.__getitem__(getattr(self, store), i) for i in layers if i in self.keys})
         out.next_position = self.next_position
         return out
 
@@ -95,7 +139,12 @@ class KVCache:
 
     def length(self, layer_idx: int) -> int:
         """Number of cached key slots (valid or not) at one layer."""
-        return self.keys[layer_idx].shape[2]
+        return dict.__getitem__(self.keys, layer_idx).shape[2]
+
+    def nbytes(self) -> int:
+        """Bytes held by the keys and values of every layer (codes, scales and zero points of compressed
+        entries; validity and positions not counted)."""
+        return sum(_held(dict.__getitem__(store, i)) for store in (self.keys, self.values) for i in store)
 
 
 class ExpertKV:

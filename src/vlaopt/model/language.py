@@ -178,12 +178,20 @@ class LayerLoop:
                                       **self._probe(i, state))
 
     def _probe(self, i: int, state: TokenState) -> dict[str, Any]:
-        """`attention_probe` for layer i when hooks observe its attention (timed as `lm.prune`)."""
+        """`attention_probe` for layer i when hooks observe its attention (timed as `lm.prune`) or the
+        cache has an `observer` (KV-cache compression that ranks keys by attention)."""
         observers = [hook for hook in self.hooks if i in hook.observed_layers()]
-        if not observers:
+        attention = attention_of(self.lm.decoder.layers[i])
+        watch = None if self.cache is None or attention is None else self.cache.observer
+        if not observers and watch is None:
             return {}
 
         def probe(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, scaling: float | None) -> None:
+            if watch is not None:  # the cache's own observer (H2O scores), over all its keys of this layer
+                with torch.no_grad():
+                    watch(attention.layer_idx, query, key, mask, scaling, state.valid)
+            if not observers:
+                return
             with self.timer.stage("lm.prune"), torch.no_grad():
                 for hook in observers:
                     hook.observe_attention(i, state, query, key, mask, scaling)

@@ -46,9 +46,10 @@ class Policy(ABC):
         the LM pass fills (it may hold keys placed before the pass) and the `hooks` it runs."""
 
     @abstractmethod
-    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
-        """The training loss against normalized target actions (B, chunk, action_dim)."""
+    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor, generator: torch.Generator | None,
+             reasoning: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The training loss against normalized target actions (B, chunk, action_dim), and, for a
+        policy that reasons, reasoning target ids and their validity (`VLA.reasoning_targets`)."""
 
 
 def initial_noise(model: VLA, batch: int, noise: torch.Tensor | None, seed: int,
@@ -79,8 +80,8 @@ class SlotPolicy(Policy):
                 noise = initial_noise(model, batch, noise, seed)
             return model.head.predict(action_hidden(final), model.lm.readout(), noise)
 
-    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor,
-             generator: torch.Generator | None) -> torch.Tensor:
+    def loss(self, model: VLA, state: TokenState, actions: torch.Tensor, generator: torch.Generator | None,
+             reasoning: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         final = model.lm(state)
         return model.head.loss(action_hidden(final), model.lm.readout(), actions, generator)
 

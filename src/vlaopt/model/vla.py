@@ -116,6 +116,8 @@ class VLA(nn.Module):
         """Runs `network(inputs, noise, seed)` in its place when set (a compiled copy: optimize/compile/)."""
         self.text_decoder: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
         """Decodes reasoning in place of `decode.generate_text` when set (speculative: optimize/decoding/)."""
+        self.kv_compressor: Any = None
+        """Compresses the expert's KV cache after the prefix and after reasoning when set (optimize/kv/)."""
         self.session_factory: Callable[[VLA], Session] | None = None
         """Makes `session()`'s sessions when set (one that reuses work between steps: optimize/temporal/)."""
         self.processor = Processor(config, self.tokenizer, self.pad_id, self.bos_id, fixed,
@@ -325,8 +327,11 @@ class VLA(nn.Module):
         actions: torch.Tensor,
         proprio: Any = None,
         generator: torch.Generator | None = None,
+        reasoning: Sequence[str] | None = None,
     ) -> torch.Tensor:
-        """The head's training loss for unnormalized target actions (B, chunk, action_dim)."""
+        """The head's training loss for unnormalized target actions (B, chunk, action_dim); with
+        `reasoning` (B texts, an expert head that reasons), plus the cross-entropy of those texts
+        decoded after the prompt (Alpamayo-R1's joint loss)."""
         inputs = self.preprocess(images, instructions, proprio)
         actions = torch.as_tensor(actions, dtype=torch.float32, device=self.device)
         expected = (inputs.batch, self.config.chunk, self.config.action_dim)
@@ -334,4 +339,26 @@ class VLA(nn.Module):
             raise ValueError(f"actions have shape {tuple(actions.shape)}, expected {expected}")
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or infinite values")
-        return self.policy.loss(self, self.encode(inputs), self.action_norm.normalize(actions), generator)
+        targets = None if reasoning is None else self.reasoning_targets(reasoning)
+        if targets is not None and targets[0].shape[0] != inputs.batch:
+            raise ValueError(f"{targets[0].shape[0]} reasoning texts for a batch of {inputs.batch}")
+        return self.policy.loss(self, self.encode(inputs), self.action_norm.normalize(actions), generator, targets)
+
+    def reasoning_targets(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, T) of reasoning texts as the model decodes them (a space after the prompt's
+        `Out:`, the text, STOP; the pad id after it) and their validity (B, T)."""
+        limit = getattr(self.config.head, "reasoning_tokens", 0)
+        if not limit:
+            raise ValueError(f"reasoning targets train a head that reasons; head.kind={self.config.head.kind!r} "
+                             f"with reasoning_tokens={limit} decodes none")
+        ids = [self.tokenizer(" " + text, add_special_tokens=False)["input_ids"] + [self.stop_id] for text in texts]
+        longest = max(ids, key=len)
+        if len(longest) > limit:
+            raise ValueError(f"the reasoning target {texts[ids.index(longest)]!r} takes {len(longest)} tokens with "
+                             f"STOP, more than head.reasoning_tokens={limit}")
+        out = torch.full((len(ids), len(longest)), self.pad_id, dtype=torch.long)
+        valid = torch.zeros(out.shape, dtype=torch.bool)
+        for row, seq in enumerate(ids):
+            out[row, : len(seq)] = torch.tensor(seq)
+            valid[row, : len(seq)] = True
+        return out.to(self.device), valid.to(self.device)

@@ -5,7 +5,7 @@ A recipe is an ordered list of `{step: {params}}` (YAML or Python). Step kinds r
 """
 
 import vlaopt.optimize.compile  # noqa: F401  (registers the compile step)
-from vlaopt.optimize import decoding, head, layers, quant, temporal, tokens, weights  # noqa: F401  (register steps)
+from vlaopt.optimize import decoding, head, kv, layers, quant, temporal, tokens, weights  # noqa: F401  (register steps)
 from vlaopt.optimize.loading import load
 from vlaopt.optimize.recipe import STEPS, apply, load_recipe, rebuild
 

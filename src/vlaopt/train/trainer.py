@@ -371,6 +371,11 @@ def train(model: VLA, train_set: Dataset, val_set: Dataset | None, out: str | Pa
     from accelerate import Accelerator
 
     out = Path(out)
+    reasons = getattr(model.config.head, "reasoning_tokens", 0) > 0
+    if reasons and "reasoning" not in train_set[0]:
+        raise ValueError(f"head.reasoning_tokens={model.config.head.reasoning_tokens} trains the model to reason, but "
+                         f"the training episodes carry no reasoning targets (vla-opt collect records them for the "
+                         f"tasks of vlaopt.sim.reasoning)")
     ckpt = resume_checkpoint(out) if resume else None
     _seed_everything(cfg.seed)
     model.set_stats(stats)
@@ -402,7 +407,8 @@ def train(model: VLA, train_set: Dataset, val_set: Dataset | None, out: str | Pa
             for hook in core.lm.hooks:  # hooks with a training schedule (LightVLA's score noise) follow it
                 hook.training_step(step, cfg.steps)
             model.train()
-            loss = core.compute_loss(batch["images"], batch["instructions"], batch["actions"], batch.get("proprio"))
+            loss = core.compute_loss(batch["images"], batch["instructions"], batch["actions"], batch.get("proprio"),
+                                     reasoning=batch.get("reasoning") if reasons else None)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

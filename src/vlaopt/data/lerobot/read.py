@@ -117,7 +117,8 @@ class LeRobotDataset:
                        task=row.get(f"{EXTRA}task") or _instruction(self.root, row),
                        instruction=_instruction(self.root, row), cameras=self.cameras,
                        seed=row.get(f"{EXTRA}seed", -1), success=success,
-                       success_step=row.get(f"{EXTRA}success_step", length - 1 if success else -1))
+                       success_step=row.get(f"{EXTRA}success_step", length - 1 if success else -1),
+                       reasoning=tuple(row[f"{EXTRA}reasoning"]) if row.get(f"{EXTRA}reasoning") else None)
 
     def _columns(self, path: Path) -> dict[str, Any]:
         keys = [IMAGES + c for c in self.cameras if self.info["features"][IMAGES + c]["dtype"] == "image"]

@@ -258,7 +258,8 @@ def _episode_row(episode: Episode, index: int, start: int, columns: dict[str, An
         parts.append(values)
         row |= {f"stats/{name}/{stat}": value.tolist() for stat, value in stats.items()}
     return row | {f"{EXTRA}task": episode.task, f"{EXTRA}seed": episode.seed, f"{EXTRA}success": episode.success,
-                  f"{EXTRA}success_step": episode.success_step}
+                  f"{EXTRA}success_step": episode.success_step,
+                  **({} if episode.reasoning is None else {f"{EXTRA}reasoning": list(episode.reasoning)})}
 
 
 def _stats_json(totals: dict[str, list[np.ndarray]]) -> dict[str, dict[str, Any]]:

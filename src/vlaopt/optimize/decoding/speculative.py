@@ -4,9 +4,9 @@ the LM verifies all of them in one pass (`model.decode.feed`), and the accepted 
 one cache; every emitted token, the stop token included, ends up in the cache as in plain decoding.
 
 `SpeculativeDecoder` has `generate_text`'s signature and returns the same tokens under greedy
-decoding (tested against it); with sampling, the same distribution. `stats` counts rounds, drafted
-and accepted tokens across calls (acceptance rate = accepted / drafted; tokens per LM pass =
-emitted / rounds).
+decoding (tested against it); with sampling, the same distribution. `stats` counts, across calls,
+rounds, passes (the samples each round verified), drafted, accepted and emitted tokens (acceptance
+rate = accepted / drafted; tokens per LM pass of a sample = emitted / passes).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from vlaopt.optimize.decoding.acceptance import greedy_accept, sample_accept
 class SpeculativeDecoder:
     def __init__(self, draft: Any, k: int) -> None:
         self.draft, self.k = draft, k
-        self.stats = {"rounds": 0, "drafted": 0, "accepted": 0, "emitted": 0}
+        self.stats = {"rounds": 0, "passes": 0, "drafted": 0, "accepted": 0, "emitted": 0}
 
     def __call__(self, lm: LanguageModel, cache: KVCache, logits: torch.Tensor, max_tokens: int,
                  processors: LogitsProcessorList, stop_id: int, pad_id: int,
@@ -73,6 +73,7 @@ class SpeculativeDecoder:
             forced = torch.where(n == 1 + accepted, forced, none)  # cut short: no residual
             active = active & ~done
             self.stats["rounds"] += 1
+            self.stats["passes"] += int(valid[:, 0].sum())
             self.stats["drafted"] += k * int(valid[:, 0].sum())
             self.stats["accepted"] += int(torch.minimum(accepted, (n - 1).clamp(min=0))[valid[:, 0]].sum())
             self.stats["emitted"] += int(n.sum())

@@ -101,6 +101,9 @@ def check_model(model: VLA, cfg: TemporalReuseConfig) -> tuple[list[int], int]:
     if model.runner is not None:
         raise ValueError("temporal_reuse runs the layer loop eagerly between steps; this model is compiled (a "
                          "compile step): put temporal_reuse on the model without it")
+    if model.kv_compressor is not None:
+        raise ValueError(f"temporal_reuse looks last step's keys up by position in its cache, but {model.kv_compressor.name} "
+                         "compresses that cache; use one of them")
     for hook in model.lm.hooks:
         if hook.merges_tokens:
             raise ValueError(f"temporal_reuse matches tokens to patches by position, but {hook.name} merges visual "
