@@ -95,6 +95,7 @@ def recipes(layers: int, calibration: dict[str, Any], device: str) -> dict[str, 
     if device == "cpu":
         out["int8 dynamic"] = ("int8", [{"quantize": {"method": "int8"}}])
     out["int8 weight-only"] = ("int8", [{"quantize": {"method": "int8", "weight_only": True}}])
+    out["int4 weight-only"] = ("int4", [{"quantize": {"method": "int4", "group_size": 64}}])
     tokens = {"token_pruning": {"method": "fastv", "layer": 2, "keep": 0.25}}
     pooled = {"token_pruning": {"method": "pooling", "layer": 0, "keep": 0.25}}
     int8 = {"quantize": {"method": "int8", "weight_only": device != "cpu"}}

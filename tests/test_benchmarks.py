@@ -32,7 +32,7 @@ TINY = {
     "compress_lm": ["--size", "tiny", "--samples", "2", "--eval-samples", "2", "--only", "gate_norm n=2",
                     "magnitude 2:4", "int8 dynamic", "fastv 25% + shortgpt"],
     "compress_smollm2": ["--only", "int8 dynamic, per token", "--calibration-windows", "1", "--eval-windows", "1",
-                         "--length", "16"],
+                         "--length", "16", "--decode-tokens", "4"],
     "expert": ["--hidden", "64", "--layers", "2", "--expert-width", "32", "--chunk", "2", "--action-dim", "2",
                "--reasoning", "40"],
     "speculative": ["--lm", "tiny", "--reasoning", "8", "--layers", "2", "--repeats", "1", "--warmup", "0"],

@@ -67,9 +67,11 @@ def test_compiled_equals_eager_for_every_pruner(method):
     assert (compiled.runner.compiles == 1) == (method != "lightvla")
 
 
-def test_compiled_equals_eager_with_int8():
-    """Dynamic int8 runs (its prepacked weights are opaque to dynamo: the graph breaks at each int8 linear)."""
-    eager = _model("l1", [{"quantize": {"method": "int8"}}])
+@pytest.mark.parametrize("quantize", [{"method": "int8"}, {"method": "int4", "group_size": 32}])
+def test_compiled_equals_eager_with_quantized_weights(quantize):
+    """Dynamic int8 and int4 run (their packed weights are opaque to dynamo: the graph breaks at each
+    quantized linear)."""
+    eager = _model("l1", [{"quantize": quantize}])
     compiled = _compiled_twin(eager, AOT)
     _assert_same_actions(eager, compiled, batch=2, atol=1e-5)
     assert compiled.runner.compiles > 1

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from vlaopt.bench.compress_lm import CompressLMConfig, carrier, decoding
 from vlaopt.cli import main
 from vlaopt.config import VLAConfig
 from vlaopt.data.text import text_windows
@@ -66,3 +67,22 @@ def test_compress_lm_int8_writes_the_report_only_and_refuses_other_steps(lm_dir,
     assert ("compress-lm applies LM steps only (layer_pruning, weight_pruning, smoothquant, quantize); the recipe has "
             "token_pruning") in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_the_timed_decoding_gives_the_window_logits_of_the_full_forward(lm_dir, tmp_path):
+    """What compress-lm times as decoding is the LM's real token-by-token path: teacher-forced steps
+    over the cache of the window's start give the logits a forward of the whole window gives there;
+    and the report carries both regimes."""
+    lm, text = lm_dir
+    model = carrier(str(lm))
+    window = text_windows(model.tokenizer, text, 1, 64)
+    with torch.no_grad():
+        full = model.lm.text_logits(window)[0, -5:]
+        stepped = decoding(model.lm, window, 5)(None)
+        assert torch.allclose(stepped, full, atol=1e-5)
+        assert torch.equal(decoding(model.lm, window, 5)(None), stepped)  # each call starts from the same cache
+    assert _run(lm, text, "- quantize: {method: int4, group_size: 32}\n", tmp_path / "q", tmp_path) == 0
+    report = json.loads((tmp_path / "q" / "compress_lm.json").read_text())
+    assert report["decode_speedup"] > 0 and set(report["decode_ms_per_token"]) == {"dense", "compressed"}
+    with pytest.raises(ValueError, match="compress-lm decode_tokens=64 must be below length=64"):
+        CompressLMConfig(str(text), str(text), length=64, decode_tokens=64)

@@ -191,5 +191,5 @@ def test_weight_pruning_after_quantize_is_refused_by_name():
     apply(model, [{"quantize": {"method": "int8"}}])
     with pytest.raises(ValueError, match="matches no Linear module"):
         apply(model, [{"weight_pruning": {"method": "magnitude"}}])
-    with pytest.raises(KeyError, match="unknown quantization method 'int4'; expected one of int8"):
-        apply(model, [{"quantize": {"method": "int4"}}])
+    with pytest.raises(KeyError, match="unknown quantization method 'int2'; expected one of int4, int8"):
+        apply(model, [{"quantize": {"method": "int2"}}])

@@ -155,8 +155,8 @@ def test_typed_step_configs_apply_as_their_yaml_does():
     assert a.config.recipe == b.config.recipe
     assert torch.equal(a.predict_action(*obs), b.predict_action(*obs))
     configs = [c for kind in STEPS.names() for c in STEPS.get(kind).config_classes()]
-    assert len(configs) == len(set(configs)) == 5 + 3 + 3 + 1 + 1 + 1 + 1 + 1 + 1 + 3  # pruners, layers, weights, int8,
-    # smoothquant, flow steps, compile, temporal reuse, speculative, kv (streaming, h2o, quant)
+    assert len(configs) == len(set(configs)) == 5 + 3 + 3 + 2 + 1 + 1 + 1 + 1 + 1 + 3  # pruners, layers, weights,
+    # quantize (int8, int4), smoothquant, flow steps, compile, temporal reuse, speculative, kv (streaming, h2o, quant)
     for cls in configs:  # each default config names its own step and method
         entry = step_entry(cls()) if cls.__name__ != "FastVConfig" else step_entry(cls(layer=1))
         (kind, params), = entry.items()

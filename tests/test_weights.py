@@ -192,3 +192,72 @@ def test_text_calibration_errors_name_the_value(tmp_path):
         apply(model, [{"weight_pruning": {"method": "wanda", "calibration": {"samples": 1}}}],
               calibration=[torch.tensor([[1, 9999]])])
     assert all((m.weight != 0).all() for m in _lm_linears(model).values())  # nothing pruned by the failures
+
+
+def _sparsegpt_reference(w: torch.Tensor, x: torch.Tensor, sparsity: float, prune_n: int, prune_m: int,
+                         blocksize: int, percdamp: float) -> torch.Tensor:
+    """Re-typed from IST-DASLab/sparsegpt (`SparseGPT.add_batch` and `fasterprune`, no quantizer): the
+    Hessian as a running mean of 2 x x^T over samples (here 100-token chunks), dead inputs, damping
+    by `percdamp` of the mean diagonal, the upper Cholesky factor of H^-1, and block by block the mask
+    (w^2 / d^2 at or below the block's quantile, or per group of `prune_m` the `prune_n` lowest) with
+    each column's error spread over the rest of its row, then over the later blocks."""
+    cols = w.shape[1]
+    hessian = torch.zeros(cols, cols)
+    for seen, chunk in enumerate(x.split(100)):
+        hessian *= seen / (seen + 1)
+        scaled = (2 / (seen + 1)) ** 0.5 * chunk.t()
+        hessian += scaled @ scaled.t()
+    weight = w.clone()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    weight[:, dead] = 0
+    diagonal = torch.arange(cols)
+    hessian[diagonal, diagonal] += percdamp * torch.mean(torch.diag(hessian))
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        block, kept_block, errors = weight[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1), torch.zeros(w.shape[0], i2 - i1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        if prune_n == 0:
+            score = block**2 / torch.diag(hinv1).reshape(1, -1) ** 2
+            mask = score <= torch.sort(score.flatten())[0][int(score.numel() * sparsity)]
+        else:
+            mask = torch.zeros_like(block, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if prune_n != 0 and i % prune_m == 0:
+                score = block[:, i : i + prune_m] ** 2 / torch.diag(hinv1)[i : i + prune_m].reshape(1, -1) ** 2
+                mask.scatter_(1, i + torch.topk(score, prune_n, dim=1, largest=False)[1], True)
+            column = block[:, i]
+            kept = column.clone()
+            kept[mask[:, i]] = 0
+            kept_block[:, i] = kept
+            error = (column - kept) / hinv1[i, i]
+            block[:, i:] -= error[:, None] @ hinv1[i, i:][None, :]
+            errors[:, i] = error
+        weight[:, i1:i2] = kept_block
+        weight[:, i2:] -= errors @ hinv[i1:i2, i2:]
+    return weight
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+def test_sparsegpt_equals_a_retyped_copy_of_the_authors_fasterprune(pattern):
+    """Same weights as the authors' SparseGPT on the same inputs (their Hessian's 2/n scale cancels).
+    One deliberate difference: their quantile threshold (`<=` the sorted score at index
+    int(numel * sparsity)) prunes one weight more than asked in every block; we prune exactly the
+    asked fraction. So the unstructured case gives the reference the sparsity at which it prunes our
+    count; measured at the same sparsity instead, the masks agree on 99.9% of weights here. (An input
+    that is always zero gets a Hessian diagonal of 1 in both, on Hessians of different scale, theirs
+    2 x tokens-per-sample times ours, which moves the mean-diagonal damping slightly; so there is
+    none here.)"""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 64, generator=gen) * torch.rand(64, generator=gen) * 3
+    w = torch.randn(32, 64, generator=gen)
+    stats = Hessian(64)
+    stats.add(x)
+    params = {"sparsity": 0.5} if pattern is None else {"pattern": pattern}
+    ours = WEIGHT_PRUNERS.get("sparsegpt")(WEIGHT_PRUNERS.get("sparsegpt").config_cls(**params, block_size=32)).prune(w, stats)
+    per_block = 32 * 32 // 2
+    ref = (_sparsegpt_reference(w, x, (per_block - 1 + 0.5) / (32 * 32), 0, 0, 32, 0.01) if pattern is None
+           else _sparsegpt_reference(w, x, 0.0, 2, 4, 32, 0.01))
+    assert torch.equal(ours == 0, ref == 0)
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-4), (ours - ref).abs().max()

@@ -86,7 +86,7 @@ def _compress_lm(args: argparse.Namespace) -> int:
 
     _use_threads(args.threads)
     cfg = CompressLMConfig(args.calibration_text, args.eval_text or args.calibration_text, args.calibration_windows,
-                           args.eval_windows, args.length, args.repeats)
+                           args.eval_windows, args.length, args.repeats, decode_tokens=args.decode_tokens)
     report = compress_lm(args.lm, args.recipe, cfg, args.out)
     ppl = report["perplexity"]
     console = Console()
@@ -95,9 +95,11 @@ def _compress_lm(args: argparse.Namespace) -> int:
     console.print(f"perplexity {ppl['dense']:.3f} -> {ppl['compressed']:.3f} ({ppl['compressed'] / ppl['dense'] - 1:+.1%}) "
                   f"on {cfg.eval_windows} windows of {cfg.length} tokens; forward of one window "
                   f"{report['forward_ms']['dense']:.1f} -> {report['forward_ms']['compressed']:.1f} ms "
-                  f"({report['speedup']:.2f}x, {report['threads']} threads)")
+                  f"({report['speedup']:.2f}x); decoding {report['decode_ms_per_token']['dense']:.2f} -> "
+                  f"{report['decode_ms_per_token']['compressed']:.2f} ms per token ({report['decode_speedup']:.2f}x); "
+                  f"{report['threads']} threads")
     console.print(f"saved to {args.out}" + ("" if report["exported"] else
-                  " (the report only: an int8 LM has no plain transformers form)"))
+                  " (the report only: a quantized LM has no plain transformers form)"))
     return 0
 
 
@@ -417,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     clm.add_argument("--calibration-windows", type=int, default=32, help="calibration windows of --length tokens")
     clm.add_argument("--eval-windows", type=int, default=16, help="perplexity windows of --length tokens")
     clm.add_argument("--length", type=int, default=256, help="tokens per window")
-    clm.add_argument("--repeats", type=int, default=10, help="timing rounds of one window's forward")
+    clm.add_argument("--repeats", type=int, default=10, help="timing rounds of one window's forward and of decoding")
+    clm.add_argument("--decode-tokens", type=int, default=16, help="decoding steps timed after the window")
     clm.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     clm.set_defaults(func=_compress_lm)
     bench = sub.add_parser("bench", help="compare optimization recipes side by side on one model")

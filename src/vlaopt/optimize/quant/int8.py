@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlaopt.optimize.weights.targets import replace_module
+from vlaopt.optimize.weights.targets import replace_module, replace_with_empty
 
 
 def has_vnni(cpuinfo: str | None = None) -> bool:
@@ -115,8 +115,10 @@ def _dynamic_product(module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:
-    """The float weight of a linear layer, dequantized if it is an `Int8Linear`."""
-    return module.dequantized() if isinstance(module, Int8Linear) else module.weight
+    """The float weight of a linear layer, dequantized if it is a quantized one (it has `dequantized`:
+    `Int8Linear`, `Int4Linear`)."""
+    dequantized = getattr(module, "dequantized", None)
+    return module.weight if dequantized is None else dequantized()
 
 
 def quantize_int8(model: nn.Module, names: list[str], weight_only: bool, per_token: bool) -> None:
@@ -126,13 +128,6 @@ def quantize_int8(model: nn.Module, names: list[str], weight_only: bool, per_tok
 
 
 def empty_int8(model: nn.Module, names: list[str], weight_only: bool, per_token: bool) -> None:
-    """Replace the `nn.Linear` modules called `names` by `Int8Linear` modules of the same shape, to be
-    filled by loading saved weights."""
-    for name in names:
-        linear = model.get_submodule(name)
-        with torch.inference_mode(False):
-            module = Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, weight_only,
-                                per_token)
-            if linear.bias is not None:
-                module.bias.data = torch.zeros(linear.out_features, dtype=linear.bias.dtype)
-        replace_module(model, name, module.to(linear.weight.device))
+    """Put empty `Int8Linear` modules in place of the `nn.Linear` modules called `names` (for loading)."""
+    replace_with_empty(model, names, lambda linear: Int8Linear(linear.in_features, linear.out_features,
+                                                               linear.bias is not None, weight_only, per_token))

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 
+import torch
 from torch import nn
 
 DEFAULT_TARGETS = ("lm.causal_lm.model.layers.*",)  # the decoder layers' linears; not embeddings or lm_head
@@ -35,3 +36,16 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Put `module` in place of the submodule called `name`."""
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, module)
+
+
+def replace_with_empty(model: nn.Module, names: list[str], build: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace the `nn.Linear` modules called `names` by `build(linear)`: empty modules of their shape
+    (a quantized kind), made outside inference mode with a zero bias where the linear has one and
+    moved to its device, to be filled by loading saved weights."""
+    for name in names:
+        linear = model.get_submodule(name)
+        with torch.inference_mode(False):
+            module = build(linear)
+            if linear.bias is not None:
+                module.bias.data = torch.zeros(linear.out_features, dtype=linear.bias.dtype)
+        replace_module(model, name, module.to(linear.weight.device))
